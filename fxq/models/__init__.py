@@ -1,0 +1,1 @@
+"""fxq subpackage."""

@@ -1,0 +1,1 @@
+"""Graph passes (imported as ``fxq.passes``): analysis passes write ``node.meta``, transform passes rewrite."""
