@@ -1,1 +1,30 @@
-"""fxq subpackage."""
+"""The model zoo: DETR and Deformable DETR with ResNet backbones, in the official parameter layouts."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from fxq.models.checkpoint import check_compatible, read_state_dict
+from fxq.models.zoo import CONFIGS, config_of, construct, model_names
+
+__all__ = ["CONFIGS", "build", "model_names", "read_state_dict"]
+
+
+def build(name: str, checkpoint: str | os.PathLike | None = None, strict: bool = True,
+          **overrides: Any) -> nn.Module:
+    """The named model in eval mode, randomly initialised or loaded from ``checkpoint``.
+
+    ``checkpoint`` may be an official release file (``{"model": state_dict}``) or a plain state_dict; loading
+    is strict by default. Keyword overrides change the configuration (e.g. ``num_classes=21``).
+    """
+    config_of(name)
+    state = None if checkpoint is None else read_state_dict(checkpoint)
+    model = construct(name, **overrides)
+    if state is not None:
+        if strict:
+            check_compatible(model, state, os.fspath(checkpoint), name)
+        model.load_state_dict(state, strict=strict)
+    return model.eval()

@@ -1,0 +1,100 @@
+"""Shape and cost analysis: output shapes, parameter counts and multiply-accumulates per node.
+
+Reads ``fxq.role``. Writes ``fxq.shape`` (output shape, or a list of shapes); ``fxq.params`` (elements of
+trainable parameters the node reads directly: get_attr nodes and leaf modules; a module called several times
+counts at its first call, so the sum over the graph is the model's parameter count); ``fxq.weight`` (on conv
+and linear nodes: qualified name of the weight, ``name[start:stop]`` for a row slice such as a q/k/v
+projection); ``fxq.macs`` (multiply-accumulates of conv, linear and matmul nodes at the traced input size,
+batch included).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta["fxq.shape"] = _shape_of(result)
+        return result
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return list(value.shape)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+        return [_shape_of(v) for v in value]
+    return None
+
+
+def record_shapes(gm: torch.fx.GraphModule, *inputs: torch.Tensor) -> None:
+    """Run ``gm`` once on ``inputs`` and store every node's output shape in ``fxq.shape``."""
+    with torch.no_grad():
+        _ShapeRecorder(gm).run(*inputs)
+
+
+def _arg_shape(arg: Any) -> list[int]:
+    return arg.meta["fxq.shape"] if isinstance(arg, torch.fx.Node) else list(arg.shape)
+
+
+def _weight_ref(node: torch.fx.Node) -> str | None:
+    """``name`` of the weight parameter, or ``name[start:stop]`` for a row slice (q/k/v projections)."""
+    if node.op == "call_module":
+        return f"{node.target}.weight"
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    rows = ""
+    if isinstance(weight, torch.fx.Node) and weight.op == "call_function" and isinstance(weight.args[1], slice):
+        rows = f"[{weight.args[1].start}:{weight.args[1].stop}]"
+        weight = weight.args[0]
+    return weight.target + rows if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else None
+
+
+def macs_of(node: torch.fx.Node, modules: dict[str, nn.Module]) -> int:
+    """Multiply-accumulates of one node (0 for nodes that are not conv, linear or matmul)."""
+    role, out = node.meta.get("fxq.role"), node.meta.get("fxq.shape")
+    if role == "conv" and node.op == "call_module":
+        conv = modules[node.target]
+        per_output = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+        return math.prod(out) * per_output
+    if role == "linear":
+        in_features = _arg_shape(node.args[0])[-1]
+        return math.prod(out) * in_features
+    if role in ("attn_qk", "attn_av", "matmul"):
+        return math.prod(out) * _arg_shape(node.args[0])[-1]
+    return 0
+
+
+def params_of(node: torch.fx.Node, gm: torch.fx.GraphModule, modules: dict[str, nn.Module],
+              counted: set[str]) -> int:
+    """Trainable parameter elements the node reads directly and no earlier node in ``counted`` read."""
+    if node.op == "call_module":
+        first = node.target not in counted
+        counted.add(node.target)
+        return sum(p.numel() for p in modules[node.target].parameters()) if first else 0
+    if node.op == "get_attr":
+        value = _lookup(gm, node.target)
+        return value.numel() if isinstance(value, nn.Parameter) else 0
+    return 0
+
+
+def _lookup(gm: torch.fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def annotate_costs(gm: torch.fx.GraphModule) -> None:
+    """Write ``fxq.params``, ``fxq.weight`` and ``fxq.macs`` on every node (needs ``fxq.shape``)."""
+    modules, counted = dict(gm.named_modules()), set()
+    for node in gm.graph.nodes:
+        node.meta["fxq.params"] = params_of(node, gm, modules, counted)
+        node.meta["fxq.macs"] = macs_of(node, modules)
+        if node.meta.get("fxq.role") in ("conv", "linear"):
+            node.meta["fxq.weight"] = _weight_ref(node)

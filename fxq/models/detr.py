@@ -1,0 +1,49 @@
+"""DETR (Carion et al. 2020) as facebookresearch/detr defines it, taking a batched image tensor.
+
+Differences from the official forward, none numerical: images come as a tensor plus an optional padding mask
+(True = padding) instead of a NestedTensor, and with no mask the positional encoding is computed from the
+feature map's shape, so the model traces with torch.fx and the graph runs at any input size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fxq.models.backbone import Backbone, Joiner
+from fxq.models.mlp import MLP
+from fxq.models.position_encoding import PositionEmbeddingSine
+from fxq.models.resnet import ResNetBody
+from fxq.models.transformer import Transformer
+
+
+class DETR(nn.Module):
+    """DETR with a ResNet backbone; softmax classification over ``num_classes`` + 1 (no-object) logits."""
+
+    head = "softmax"
+
+    def __init__(self, backbone_name: str = "resnet50", dilation: bool = False, base_width: int = 64,
+                 hidden_dim: int = 256, nheads: int = 8, enc_layers: int = 6, dec_layers: int = 6,
+                 dim_feedforward: int = 2048, dropout: float = 0.1, num_queries: int = 100,
+                 num_classes: int = 91, aux_loss: bool = True, backbone_norm: str = "frozen_bn") -> None:
+        super().__init__()
+        self.num_classes, self.num_queries, self.aux_loss = num_classes, num_queries, aux_loss
+        self.transformer = Transformer(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout)
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        body = ResNetBody(backbone_name, ("layer4",), dilation, base_width, backbone_norm)
+        self.input_proj = nn.Conv2d(body.channels["layer4"], hidden_dim, kernel_size=1)
+        self.backbone = Joiner(Backbone(body), PositionEmbeddingSine(hidden_dim // 2))
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        """``pred_logits`` [B, Q, K+1], ``pred_boxes`` [B, Q, 4] (cx, cy, w, h in [0, 1]) and, when
+        ``aux_loss``, ``aux_outputs`` for every decoder layer but the last."""
+        features, masks, pos = self.backbone(images, mask)
+        hs = self.transformer(self.input_proj(features[-1]), masks[-1], self.query_embed.weight, pos[-1])
+        logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": logits[i], "pred_boxes": boxes[i]}
+                                  for i in range(len(self.transformer.decoder.layers) - 1)]
+        return out
