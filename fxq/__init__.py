@@ -18,4 +18,8 @@ def __getattr__(name: str):
         from fxq.models import build
 
         return build
+    if name in ("models", "data", "evaluation", "objectives", "quant", "train", "passes", "backends"):
+        import importlib
+
+        return importlib.import_module(f"fxq.{name}")
     raise AttributeError(f"module 'fxq' has no attribute {name!r}")
