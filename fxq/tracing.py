@@ -74,6 +74,7 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | tuple, *, aux: bool =
     for attr in ("head", "num_classes", "num_queries"):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
+    gm.takes_mask = mask is not None
     annotate(gm, images, mask)
     return gm
 
