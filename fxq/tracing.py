@@ -18,6 +18,29 @@ from fxq.roles import role_of
 from fxq.tracer import FxqTracer, untraceable
 
 
+class DetectorGraph(torch.fx.GraphModule):
+    """The GraphModule of a traced detector. ``meta["fxq.model"]`` holds what the model declared (``head``,
+    ``num_classes``, ``num_queries``) and ``takes_mask``; it survives ``copy.deepcopy``."""
+
+    @property
+    def head(self) -> str | None:
+        """"softmax" (DETR) or "sigmoid" (Deformable DETR)."""
+        return self.meta.get("fxq.model", {}).get("head")
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.meta.get("fxq.model", {}).get("num_classes")
+
+    @property
+    def num_queries(self) -> int | None:
+        return self.meta.get("fxq.model", {}).get("num_queries")
+
+    @property
+    def takes_mask(self) -> bool:
+        """Whether the graph's forward takes a padding mask after the images."""
+        return self.meta.get("fxq.model", {}).get("takes_mask", False)
+
+
 def check_images(images: object, mask: object = None) -> None:
     """Raise InputError unless ``images`` is a float [B, 3, H, W] tensor and ``mask`` a bool [B, H, W] one."""
     if not isinstance(images, torch.Tensor):
@@ -47,7 +70,7 @@ def _split_inputs(example_inputs: torch.Tensor | tuple) -> tuple[torch.Tensor, t
 
 
 def trace(model: nn.Module, example_inputs: torch.Tensor | tuple, *, aux: bool = False,
-          leaf_modules: Iterable[str | type[nn.Module]] = ()) -> torch.fx.GraphModule:
+          leaf_modules: Iterable[str | type[nn.Module]] = ()) -> DetectorGraph:
     """Trace ``model`` to a GraphModule ``gm(images[, mask]) -> {"pred_logits", "pred_boxes"[, "aux_outputs"]}``.
 
     With no mask in ``example_inputs`` the graph takes images only and treats them as unpadded; it then runs
@@ -70,11 +93,9 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | tuple, *, aux: bool =
     finally:
         if saved_aux is not None:
             model.aux_loss = saved_aux
-    gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
-    for attr in ("head", "num_classes", "num_queries"):
-        if hasattr(model, attr):
-            setattr(gm, attr, getattr(model, attr))
-    gm.takes_mask = mask is not None
+    gm = DetectorGraph(tracer.root, graph, type(model).__name__)
+    declared = {a: getattr(model, a) for a in ("head", "num_classes", "num_queries") if hasattr(model, a)}
+    gm.meta["fxq.model"] = {**declared, "takes_mask": mask is not None}
     annotate(gm, images, mask)
     return gm
 

@@ -91,7 +91,7 @@ def _predict(model: torch.nn.Module, loader: Iterable, head: str, progress: bool
     try:
         with torch.inference_mode():
             for images, mask, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
-                outputs = model(images.to(device), mask.to(device))
+                outputs = model(*_model_inputs(model, images.to(device), mask.to(device)))
                 sizes = torch.stack([t["orig_size"] for t in targets])
                 ids = [int(t["image_id"]) for t in targets]
                 detections += to_coco_results(postprocess(outputs, sizes, head, top_k), ids)
@@ -99,6 +99,16 @@ def _predict(model: torch.nn.Module, loader: Iterable, head: str, progress: bool
     finally:
         model.train(was_training)
     return detections, seen
+
+
+def _model_inputs(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor) -> tuple:
+    """(images, mask), or (images,) for a graph traced without a mask when the batch has no padding."""
+    if getattr(model, "takes_mask", True):
+        return images, mask
+    if mask.any():
+        raise InputError("this graph was traced without a padding mask but the batch is padded: evaluate with "
+                         "batch_size=1 or same-size images, or trace with fxq.trace(model, (images, mask))")
+    return (images,)
 
 
 def _load_detections(detections: Detections) -> list[dict]:

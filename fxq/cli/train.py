@@ -1,0 +1,92 @@
+"""``fxq train MODEL --data DIR --out RUN``: train a detector on a COCO-format folder, then evaluate it.
+
+Writes ``RUN/checkpoint.pt`` (resumable), ``RUN/log.jsonl``, ``RUN/config.json``, and at the end
+``RUN/model.pt`` (the weights, a plain state_dict) and ``RUN/eval.json`` (pycocotools metrics on the val split).
+Works under ``torchrun --nproc_per_node N`` (gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a detector on a COCO-format folder",
+                       description="Train MODEL on DATA's train split; evaluate on its val split at the end.")
+    p.add_argument("model", help="model name, e.g. detr_tiny")
+    p.add_argument("--data", required=True, help="COCO folder (e.g. written by `fxq data synth`)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, log, final weights)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--size", type=int, default=160, help="training/eval image size (shorter side)")
+    p.add_argument("--augment", choices=("flip", "detr"), default="flip",
+                   help="flip: horizontal flips only; detr: DETR's multi-scale resize and crop")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr-backbone", type=float, default=None, help="default: --lr (tiny models train from scratch)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--clip", type=float, default=0.1)
+    p.add_argument("--schedule", choices=("step", "cosine"), default="cosine")
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--one-to-many", type=int, default=1, help="repeat every ground-truth box k times in matching")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _datasets(args: argparse.Namespace):
+    from fxq.data import CocoDetection, Compose, Normalize, RandomHorizontalFlip, Resize, eval_transforms
+    from fxq.data import train_transforms as detr_transforms
+
+    train_tf = (detr_transforms(args.size) if args.augment == "detr"
+                else Compose([RandomHorizontalFlip(0.5), Resize(args.size), Normalize()]))
+    train = CocoDetection.from_folder(args.data, args.train_split, transforms=train_tf, seed=args.seed)
+    val = CocoDetection.from_folder(args.data, args.val_split, transforms=eval_transforms(args.size))
+    return train, val
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fxq.data import collate
+    from fxq.evaluation import evaluate_model
+    from fxq.io import write_atomic, write_json
+    from fxq.models import build, config_of
+    from fxq.objectives import build_criterion
+    from fxq.train import TrainConfig, train
+
+    config_of(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_set, val_set = _datasets(args)
+    model = build(args.model, num_classes=train_set.num_classes).train()
+    criterion = build_criterion(model.head, one_to_many=args.one_to_many)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      lr_backbone=args.lr if args.lr_backbone is None else args.lr_backbone,
+                      weight_decay=args.weight_decay, clip_max_norm=args.clip, schedule=args.schedule,
+                      warmup_steps=args.warmup, seed=args.seed, ckpt_every=args.ckpt_every,
+                      stop_after=args.stop_after, progress=not args.no_progress)
+    write_json(f"{args.out}/config.json", {"argv": {k: v for k, v in vars(args).items() if k != "func"}})
+    result = train(model, criterion, train_set, cfg, args.out, resume=args.resume, collate_fn=collate)
+    if result.step < cfg.epochs * (len(train_set) // cfg.batch_size) or not _is_main():
+        return 0
+    model.eval()
+    write_atomic(f"{args.out}/model.pt", lambda f: torch.save(model.state_dict(), f), mode="wb")
+    loader = torch.utils.data.DataLoader(val_set, batch_size=16, collate_fn=collate)
+    metrics = evaluate_model(model, loader, val_set.coco, progress=not args.no_progress)
+    metrics.pop("detections", None)
+    write_json(f"{args.out}/eval.json", metrics)
+    print(f"{args.model}: AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  "
+          f"(split {args.val_split!r}, {metrics['num_images']} images)")
+    return 0
+
+
+def _is_main() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
