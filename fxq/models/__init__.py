@@ -8,19 +8,23 @@ from typing import Any
 from torch import nn
 
 from fxq.models.checkpoint import check_compatible, read_state_dict
+from fxq.models.embedded import embedded_weights
 from fxq.models.zoo import CONFIGS, config_of, construct, model_names
 
-__all__ = ["CONFIGS", "build", "model_names", "read_state_dict"]
+__all__ = ["CONFIGS", "build", "embedded_weights", "model_names", "read_state_dict"]
 
 
-def build(name: str, checkpoint: str | os.PathLike | None = None, strict: bool = True,
+def build(name: str, checkpoint: str | os.PathLike | None = None, strict: bool = True, pretrained: bool = True,
           **overrides: Any) -> nn.Module:
-    """The named model in eval mode, randomly initialised or loaded from ``checkpoint``.
+    """The named model in eval mode, loaded from ``checkpoint``, else from fxq's embedded weights (the tiny
+    models fxq trains itself, when ``pretrained`` and no configuration override is given), else random.
 
     ``checkpoint`` may be an official release file (``{"model": state_dict}``) or a plain state_dict; loading
     is strict by default. Keyword overrides change the configuration (e.g. ``num_classes=21``).
     """
     config_of(name)
+    if checkpoint is None and pretrained and not overrides:
+        checkpoint = embedded_weights(name)
     state = None if checkpoint is None else read_state_dict(checkpoint)
     model = construct(name, **overrides)
     if state is not None:
