@@ -18,6 +18,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], mode: str
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -27,4 +28,4 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], mode: str
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
-    write_atomic(path, lambda f: json.dump(obj, f, indent=2))
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))

@@ -18,7 +18,6 @@ from fxq.data import (
     RandomHorizontalFlip,
     RandomSizeCrop,
     Resize,
-    box_cxcywh_to_xyxy,
     collate,
     eval_transforms,
     find_split,
@@ -27,6 +26,7 @@ from fxq.data import (
 )
 from fxq.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop, hflip, resized_shape
 from fxq.errors import InputError
+from fxq.objectives import box_cxcywh_to_xyxy
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if not DATA.is_dir():

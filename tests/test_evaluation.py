@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from fxq.cli import main
-from fxq.data import CocoDetection, box_xyxy_to_cxcywh, collate, eval_transforms, resolve_categories
+from fxq.data import CocoDetection, collate, eval_transforms, resolve_categories
 from fxq.errors import InputError
 from fxq.evaluation import evaluate, evaluate_model, postprocess, to_coco_results
+from fxq.objectives import box_xyxy_to_cxcywh
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if not DATA.is_dir():

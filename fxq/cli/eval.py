@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from fxq.data.categories import resolve_categories
 from fxq.data.coco import find_split
 from fxq.errors import InputError
 from fxq.evaluation.coco_eval import evaluate, evaluate_model
+from fxq.io import write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             "critical": args.critical,
             **metrics,
         }
-        write_json_atomic(args.out, record)
+        write_json(args.out, record)
         print(f"metrics written to {args.out}")
     return 0
 
@@ -152,18 +150,3 @@ def _pct(value: float | None) -> str:
     if value is None or value < 0 or math.isnan(value):
         return f"{'n/a':>6}"
     return f"{100 * value:6.1f}"
-
-
-def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    """Write ``data`` as JSON via a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -14,8 +14,6 @@ from fxq.data.transforms import (
     RandomSelect,
     RandomSizeCrop,
     Resize,
-    box_cxcywh_to_xyxy,
-    box_xyxy_to_cxcywh,
     eval_transforms,
     train_transforms,
 )
@@ -32,8 +30,6 @@ __all__ = [
     "RandomSelect",
     "RandomSizeCrop",
     "Resize",
-    "box_cxcywh_to_xyxy",
-    "box_xyxy_to_cxcywh",
     "category_names",
     "coco_from_dict",
     "collate",

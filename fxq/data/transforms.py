@@ -14,23 +14,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fxq.objectives.box_ops import box_xyxy_to_cxcywh
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Target = dict
 Transform = Callable[[Image.Image, Target, torch.Generator | None], tuple]
-
-
-def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
-    """(x0, y0, x1, y1) -> (cx, cy, w, h)."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-
-
-def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    """(cx, cy, w, h) -> (x0, y0, x1, y1)."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
 def resized_shape(width: int, height: int, size: int, max_size: int | None = None) -> tuple[int, int]:

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fxq.data.transforms import box_cxcywh_to_xyxy
 from fxq.errors import InputError
+from fxq.objectives.box_ops import box_cxcywh_to_xyxy
 
 HEADS = ("softmax", "sigmoid")
 
