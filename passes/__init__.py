@@ -1,1 +1,27 @@
-"""Graph passes (imported as ``fxq.passes``): analysis passes write ``node.meta``, transform passes rewrite."""
+"""Graph passes (imported as ``fxq.passes``): analysis passes write ``node.meta``, transform passes rewrite.
+
+Each pass is ``pass(gm, ...) -> PassResult`` and states in its module docstring the ``node.meta`` keys it
+reads and writes.
+"""
+
+from fxq.passes.calibrate import calibrate
+from fxq.passes.detptq import detptq
+from fxq.passes.fold_bn import fold_batchnorm
+from fxq.passes.insert_quant import insert_quantizers, quantizers
+from fxq.passes.pass_manager import PassManager, PassResult
+from fxq.passes.policy import DEFAULT_OVERRIDES, annotate_policy, quantizable_nodes
+from fxq.passes.remove_dropout import remove_dropout
+
+__all__ = [
+    "DEFAULT_OVERRIDES",
+    "PassManager",
+    "PassResult",
+    "annotate_policy",
+    "calibrate",
+    "detptq",
+    "fold_batchnorm",
+    "insert_quantizers",
+    "quantizable_nodes",
+    "quantizers",
+    "remove_dropout",
+]
