@@ -11,3 +11,40 @@ def embedded_weights(name: str) -> Path | None:
     """Path of the embedded weights of model ``name``, or None when fxq ships none."""
     path = Path(str(resources.files("fxq") / "weights" / f"{name}.pt"))
     return path if path.is_file() else None
+
+
+def publish(run_dir: str | Path, name: str) -> Path:
+    """Copy a finished ``fxq train`` run's weights into fxq/weights/<name>.pt (float16) with <name>.json
+    (the training command, its final metrics and a summary of its log)."""
+    import json
+
+    import torch
+
+    from fxq.io import write_atomic, write_json
+
+    run = Path(run_dir)
+    state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    target = Path(str(resources.files("fxq") / "weights"))
+    write_atomic(target / f"{name}.pt", lambda f: torch.save(half, f), mode="wb")
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    curve = [{"step": r["step"], "loss": round(r["loss"], 3)} for r in log[:: max(1, len(log) // 20)]]
+    argv = json.loads((run / "config.json").read_text())["argv"]
+    write_json(target / f"{name}.json", {
+        "command": _command(argv), "seed": argv["seed"], "steps": log[-1]["step"],
+        "train_seconds": round(log[-1]["time"]), "eval_full_precision": json.loads((run / "eval.json").read_text()),
+        "loss_curve": curve, "storage": "float16 state_dict, loaded into float32 models"})
+    return target / f"{name}.pt"
+
+
+def _command(argv: dict) -> str:
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in argv.items()
+                     if k not in ("model", "command") and v not in (None, False, True))
+    switches = " ".join(f"--{k.replace('_', '-')}" for k, v in argv.items() if v is True)
+    return f"fxq train {argv['model']} {flags} {switches}".strip()
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(publish(sys.argv[1], sys.argv[2]))

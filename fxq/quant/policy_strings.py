@@ -35,7 +35,10 @@ def parse_policy(text: str, **overrides: Any) -> QSpec:
     w, a, att = match.groups()
     a_bits = _bits(a)
     att_bits = a_bits if att is None else _bits(att)
-    return QSpec(w_bits=_bits(w), a_bits=a_bits, attn_bits=att_bits, **overrides)
+    try:
+        return QSpec(w_bits=_bits(w), a_bits=a_bits, attn_bits=att_bits, **overrides)
+    except InputError as err:
+        raise InputError(f"policy {text!r}: {err}") from None
 
 
 def format_policy(spec: QSpec, notation: Literal["wa", "qdetr"] = "wa") -> str:

@@ -1,0 +1,61 @@
+"""``fxq export MODEL``: trace, quantize, calibrate on a COCO folder and lower to an ONNX QDQ model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``export`` to the fxq command line."""
+    p = sub.add_parser(
+        "export", help="quantize a model and write it as an ONNX QDQ model",
+        description="Trace MODEL, remove dropout, fold batch norm, annotate a precision policy, insert quantizers, "
+                    "calibrate on the images of a COCO folder and lower to ONNX QDQ (int8 / int4); prints the "
+                    "lowering report.")
+    p.add_argument("model", help="model name (see `fxq inspect --list`)")
+    p.add_argument("--policy", default="W8A8", help='precision policy, e.g. "W8A8", "W4A8", "4-4-8" (default W8A8)')
+    p.add_argument("--calib", required=True, help="COCO folder whose images calibrate the activations")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--checkpoint", help="weights to load (official {'model': ...} file or plain state_dict)")
+    p.add_argument("--size", nargs=2, type=int, default=(512, 512), metavar=("H", "W"),
+                   help="example input size; calibration images are resized to fit it (default 512 512)")
+    p.add_argument("--calib-batches", type=int, help="calibrate on this many batches (default: all images)")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration batch size (default 4)")
+    p.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; int4 needs 21)")
+    p.add_argument("--static", action="store_true", help="fix batch, height and width to the example's")
+    p.add_argument("--json", help="also write the report as JSON to this file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fxq.backends import lower_to_onnx
+    from fxq.data import CocoDetection, collate, eval_transforms
+    from fxq.errors import InputError
+    from fxq.io import write_json
+    from fxq.models import build
+    from fxq.passes.calibrate import calibrate
+    from fxq.passes.fold_bn import fold_batchnorm
+    from fxq.passes.insert_quant import insert_quantizers
+    from fxq.passes.policy import annotate_policy
+    from fxq.passes.remove_dropout import remove_dropout
+    from fxq.tracing import trace
+
+    h, w = args.size
+    if h < 32 or w < 32:
+        raise InputError(f"--size {h} {w} is too small: DETR backbones downsample by 32, use at least 32 32")
+    data = CocoDetection.from_folder(args.calib, transforms=eval_transforms(min(h, w), max(h, w)))
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, collate_fn=collate)
+    example = torch.zeros(1, 3, h, w)
+    gm = trace(build(args.model, checkpoint=args.checkpoint).eval(), example)
+    remove_dropout(gm)
+    fold_batchnorm(gm)
+    annotate_policy(gm, args.policy)
+    insert_quantizers(gm)
+    calibrate(gm, loader, num_batches=args.calib_batches)
+    report = lower_to_onnx(gm, example, args.out, opset=args.opset, dynamic=not args.static)
+    print(report)
+    if args.json:
+        write_json(args.json, {"model": args.model, "policy": args.policy, "size": [h, w], **report.to_dict()})
+    return 0

@@ -1,0 +1,37 @@
+"""`fxq train` and `fxq pipeline` end to end on a small synthetic set."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from fxq.cli import main
+from fxq.models import build
+
+
+def test_train_writes_weights_and_metrics_that_load(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["data", "synth", "--out", str(data), "--seed", "3", "--train", "8", "--val", "4", "--size", "96"]) == 0
+    assert main(["train", "detr_tiny", "--data", str(data), "--out", str(run), "--epochs", "1", "--batch-size", "4",
+                 "--size", "96", "--warmup", "1", "--no-progress"]) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    metrics = json.loads((run / "eval.json").read_text())
+    assert metrics["num_images"] == 4 and 0.0 <= metrics["AP"] <= 1.0
+    trained = build("detr_tiny", checkpoint=run / "model.pt")
+    saved = torch.load(run / "model.pt", weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in trained.state_dict().items())
+
+
+def test_pipeline_reports_float_and_quantized_rows(tmp_path, capsys):
+    out = tmp_path / "pipe"
+    assert main(["pipeline", "--out", str(out), "--val-images", "6", "--calib-images", "4", "--policy", "W8A8"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["graph"] for r in summary["rows"]][:2] == ["fp32 (FX graph)", "W8A8 minmax"]
+    assert "W8A8 minmax" in capsys.readouterr().out
+
+
+def test_pipeline_rejects_bad_policy_before_work(tmp_path, capsys):
+    assert main(["pipeline", "--out", str(tmp_path / "p"), "--policy", "W9A8"]) == 2
+    assert "W9A8" in capsys.readouterr().err and not (tmp_path / "p").exists()
