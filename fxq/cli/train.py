@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
+    p.add_argument("--init", help="start from these weights (e.g. an earlier run's model.pt) instead of random")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     train_set, val_set = _datasets(args)
-    model = build(args.model, num_classes=train_set.num_classes).train()
+    model = build(args.model, checkpoint=args.init, num_classes=train_set.num_classes).train()
     criterion = build_criterion(model.head, one_to_many=args.one_to_many)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       lr_backbone=args.lr if args.lr_backbone is None else args.lr_backbone,
