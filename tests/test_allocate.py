@@ -20,7 +20,6 @@ from fxq.passes.report import allocation_table, plot_allocation
 from fxq.passes.tie_groups import PARAM, attention_groups, graph_view, shared_weight_groups
 from fxq.quant import QSpec
 
-torch.set_num_threads(1)
 CANDIDATES = (2, 4, 8)
 KINDS = ("avg_bits", "size_bytes", "bops", "latency")
 

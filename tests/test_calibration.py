@@ -8,15 +8,6 @@ from fxq.errors import InputError
 from fxq.quant import FakeQuantizer, IntRange, Reservoir, make_observer, parse_method
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The 2 shared CPU cores make torch's intra-op threads stall each other: use one, then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def int_range(bits, signed):
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 

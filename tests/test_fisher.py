@@ -24,7 +24,6 @@ from fxq.passes.remove_dropout import remove_dropout
 from fxq.passes.sensitivity import weight_sensitivity
 from fxq.passes.weights import WeightRef, weight_nodes
 
-torch.set_num_threads(1)
 CRITICAL = [1, 2, 3]
 
 

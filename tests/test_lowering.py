@@ -28,15 +28,6 @@ if not FIXTURE.is_dir():
     FIXTURE = Path("/work/shared/data/coco-val2017-fixture")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads can run 100× slower than one."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 class TinyNet(nn.Module):
     """conv -> relu -> tokens -> linear -> Q·Kᵀ -> softmax -> A·V -> linear: every quantizable role."""
 

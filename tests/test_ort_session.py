@@ -37,15 +37,6 @@ TOP_K, BOX_PX, SCORE_TOL = 10, 1.5, 3e-3
 HEADS = {"detr_tiny": "softmax", "deformable_detr_tiny": "sigmoid"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads can run 100× slower than one."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     data = CocoDetection.from_folder(DATA / "coco-val2017-fixture", transforms=eval_transforms(160, 256))
     loader = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=collate)

@@ -14,15 +14,6 @@ from onnx import TensorProto, helper, numpy_helper
 from fxq.errors import InputError
 from fxq.quant import FakeQuantizer, QSpec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The 2 shared CPU cores make torch's intra-op threads stall each other: use one, then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # ---------------------------------------------------------------------------------------------------------
 # Independent references
 

@@ -26,15 +26,6 @@ from fxq.train.checkpoint import save_checkpoint
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and the CI machine's cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyDetector(nn.Module):
     """Conv backbone + pooled features + per-query MLP layers, each emitting DETR-style outputs."""
 
