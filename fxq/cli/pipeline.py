@@ -1,6 +1,6 @@
 """``fxq pipeline``: the whole flow on one model — data, float accuracy, PTQ, accuracy of the quantized graph.
 
-Defaults run in about a minute on 2 cores: the embedded tiny DETR, a fresh synthetic set (seed 1, so images
+Defaults run in about a minute on 2 cores: the embedded tiny Deformable DETR, a fresh synthetic set (seed 1, so images
 the model never saw), W8A8 with min-max calibration. Writes ``OUT/summary.json``.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pipeline", help="synthetic data → float eval → PTQ → quantized eval, in one command",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="detr_tiny", help="model name (default: the embedded detr_tiny)")
+    p.add_argument("--model", default="deformable_detr_tiny", help="model (default: embedded deformable_detr_tiny)")
     p.add_argument("--checkpoint", help="weights for --model (default: fxq's embedded weights)")
     p.add_argument("--data", help="COCO folder with train (calibration) and val splits (default: a new synthetic one)")
     p.add_argument("--policy", default="W8A8", help='precision policy: W8A8, W4A8, W4A4, "4-4-8", ...')

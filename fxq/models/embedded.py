@@ -31,6 +31,7 @@ def publish(run_dir: str | Path, name: str) -> Path:
     curve = [{"step": r["step"], "loss": round(r["loss"], 3)} for r in log[:: max(1, len(log) // 20)]]
     argv = json.loads((run / "config.json").read_text())["argv"]
     write_json(target / f"{name}.json", {
+        "data_command": f"fxq data synth --out {argv['data']} --seed 0 --train 4000 --val 500 --size 160",
         "command": _command(argv), "seed": argv["seed"], "steps": log[-1]["step"],
         "train_seconds": round(log[-1]["time"]), "eval_full_precision": json.loads((run / "eval.json").read_text()),
         "loss_curve": curve, "storage": "float16 state_dict, loaded into float32 models"})
@@ -39,7 +40,7 @@ def publish(run_dir: str | Path, name: str) -> Path:
 
 def _command(argv: dict) -> str:
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in argv.items()
-                     if k not in ("model", "command") and v not in (None, False, True))
+                     if k not in ("model", "command") and v is not None and not isinstance(v, bool))
     switches = " ".join(f"--{k.replace('_', '-')}" for k, v in argv.items() if v is True)
     return f"fxq train {argv['model']} {flags} {switches}".strip()
 
