@@ -33,8 +33,9 @@ from fxq.tracing import check_images
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
-def _check_arguments(gm: torch.fx.GraphModule, images: torch.Tensor, opset: int,
-                     points: dict[str, QuantPoint]) -> None:
+def check_arguments(gm: torch.fx.GraphModule, images: torch.Tensor, opset: int,
+                    points: dict[str, QuantPoint]) -> None:
+    """InputError unless ``gm``, ``images`` and ``opset`` can be lowered (int4/int16 storage needs opset 21)."""
     if not isinstance(gm, torch.fx.GraphModule):
         raise InputError(f"lower_to_onnx needs a torch.fx.GraphModule (from fxq.trace), got {type(gm).__name__}")
     if getattr(gm, "takes_mask", False):
@@ -74,8 +75,14 @@ def lower_to_onnx(gm: torch.fx.GraphModule, example_images: torch.Tensor, path: 
     ``external_data_threshold`` bytes keep their tensors in ``<path>.data``.
     """
     points = collect_points(gm)
-    _check_arguments(gm, example_images, opset, points)
-    path = Path(path)
+    check_arguments(gm, example_images, opset, points)
+    model, counts, float_bytes = build_qdq_model(gm, example_images, points, opset, dynamic)
+    return save_lowered(model, Path(path), external_data_threshold, counts, points, float_bytes, dynamic)
+
+
+def build_qdq_model(gm: torch.fx.GraphModule, example_images: torch.Tensor, points: dict[str, QuantPoint],
+                    opset: int, dynamic: bool) -> tuple[onnx.ModelProto, RewriteCounts, int]:
+    """(QDQ model, what the rewrite produced, serialized bytes of the float export) for ``gm`` with ``points``."""
     was_training = gm.training
     gm.eval()
     try:
@@ -89,13 +96,21 @@ def lower_to_onnx(gm: torch.fx.GraphModule, example_images: torch.Tensor, path: 
     weights = _weights(gm, points)
     counts = rewrite_markers(model, points, weights)
     _check_placement(model, points, counts)
+    return model, counts, float_bytes
+
+
+def save_lowered(model: onnx.ModelProto, path: Path, external_data_threshold: int, counts: RewriteCounts,
+                 points: dict[str, QuantPoint], float_bytes: int, dynamic: bool) -> LoweringReport:
+    """Save ``model`` to ``path`` (tensors in ``<path>.data`` above the threshold) and report on it."""
     external = _save(model, path, external_data_threshold)
     size = path.stat().st_size + (Path(external).stat().st_size if external else 0)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     return LoweringReport(
         path=str(path), opset=opset, dynamic=dynamic, qdq_pairs=dict(sorted(counts.qdq_pairs.items())),
         weights=dict(sorted(counts.weights.items())), clips=counts.clips,
         disabled=sum(not p.enabled for p in points.values()), file_bytes=size, float_bytes=float_bytes,
-        external_data=external, inputs=[i.name for i in model.graph.input], outputs=names,
+        external_data=external, inputs=[i.name for i in model.graph.input],
+        outputs=[o.name for o in model.graph.output],
     )
 
 

@@ -11,6 +11,7 @@ from fxq.passes.insert_quant import insert_quantizers, quantizers
 from fxq.passes.pass_manager import PassManager, PassResult
 from fxq.passes.policy import DEFAULT_OVERRIDES, annotate_policy, quantizable_nodes
 from fxq.passes.remove_dropout import remove_dropout
+from fxq.passes.runtime_prep import insert_output_quantizers, quantize_biases
 
 __all__ = [
     "DEFAULT_OVERRIDES",
@@ -20,8 +21,10 @@ __all__ = [
     "calibrate",
     "detptq",
     "fold_batchnorm",
+    "insert_output_quantizers",
     "insert_quantizers",
     "quantizable_nodes",
+    "quantize_biases",
     "quantizers",
     "remove_dropout",
 ]

@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="calibration batch size (default 4)")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; int4 needs 21)")
     p.add_argument("--static", action="store_true", help="fix batch, height and width to the example's")
+    p.add_argument("--runtime", help="place precision for this runtime (e.g. ort-cpu): output quantizers and int32 "
+                                     "conv biases where its integer kernels need them, 4-bit weights cast to "
+                                     "int8 kernels; the report lists the kernel each quantized node runs on")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=run)
 
@@ -31,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fxq.backends import lower_to_onnx
+    from fxq.backends.capabilities import runtime_capabilities
+    from fxq.backends.runtime_lower import lower_for_runtime
     from fxq.data import CocoDetection, collate, eval_transforms
     from fxq.errors import InputError
     from fxq.io import write_json
@@ -40,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from fxq.passes.insert_quant import insert_quantizers
     from fxq.passes.policy import annotate_policy
     from fxq.passes.remove_dropout import remove_dropout
+    from fxq.passes.runtime_prep import RUNTIMES as PREPARED
+    from fxq.passes.runtime_prep import insert_output_quantizers, quantize_biases
     from fxq.tracing import trace
 
     h, w = args.size
@@ -53,9 +60,19 @@ def run(args: argparse.Namespace) -> int:
     fold_batchnorm(gm)
     annotate_policy(gm, args.policy)
     insert_quantizers(gm)
+    if args.runtime:
+        runtime_capabilities(args.runtime)  # an unknown or uninstalled runtime fails before calibration
+        if args.runtime in PREPARED:
+            insert_output_quantizers(gm, args.runtime)
     calibrate(gm, loader, num_batches=args.calib_batches)
-    report = lower_to_onnx(gm, example, args.out, opset=args.opset, dynamic=not args.static)
+    if args.runtime:
+        if args.runtime in PREPARED:
+            quantize_biases(gm, args.runtime)
+        report = lower_for_runtime(gm, example, args.out, args.runtime, opset=args.opset, dynamic=not args.static)
+    else:
+        report = lower_to_onnx(gm, example, args.out, opset=args.opset, dynamic=not args.static)
     print(report)
     if args.json:
-        write_json(args.json, {"model": args.model, "policy": args.policy, "size": [h, w], **report.to_dict()})
+        write_json(args.json, {"model": args.model, "policy": args.policy, "size": [h, w], "runtime": args.runtime,
+                               **report.to_dict()})
     return 0

@@ -1,0 +1,220 @@
+"""One benchmark run: every requested model variant of one network timed side by side on the same real images,
+with file sizes, the integer kernels onnxruntime runs, per-node profiles, and optionally the allocation's
+latency table.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+import torch
+
+from fxq.backends.bench import (
+    fx_node_ms,
+    in_fresh_process,
+    latency_table,
+    measure_models,
+    op_times,
+    profile_onnx,
+    time_torch,
+)
+from fxq.backends.bench_variants import POLICIES, TABLE_OVERRIDES, bench_images, check_rows, quantize_for_runtime
+from fxq.backends.capabilities import RUNTIMES, resolve_provider
+from fxq.backends.fusion_probes import optimized_model
+from fxq.backends.lower_qdq import lower_to_onnx
+from fxq.backends.ort_quantize import ort_quantize_static
+from fxq.backends.runtime_lower import lower_for_runtime
+from fxq.errors import InputError
+
+#: Op types counted in the "integer kernels" column.
+INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger", "QGemm",
+               "MatMulNBits", "QLinearAdd", "QLinearMul", "QLinearSoftmax", "QLinearConcat", "QLinearSigmoid",
+               "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearLeakyRelu")
+
+
+@dataclass
+class BenchConfig:
+    """What to measure: the network, input size, threads, provider, runs, rows, and where files go.
+
+    ``isolate``: time and profile the ONNX models in fresh processes (see
+    :func:`fxq.backends.bench.in_fresh_process`); the torch row runs in this process. ONNX rows are timed in
+    ``rounds`` turns (:func:`fxq.backends.bench.time_onnx_interleaved`).
+    """
+
+    model: str
+    images: str
+    size: tuple[int, int] = (512, 512)
+    threads: int = 2
+    provider: str = "cpu"
+    warmup: int = 5
+    runs: int = 20
+    calib_images: int = 8
+    profile_runs: int = 5
+    rows: Sequence[str] = ("torch", "ort-fp32", "ort-qdq", "ort-qoperator", "fxq-int8", "fxq-mixed")
+    checkpoint: str | None = None
+    work_dir: str | None = None
+    latency_bits: Sequence[int] = ()
+    top_nodes: int = 15
+    seed: int = 0
+    isolate: bool = True
+    rounds: int = 5
+    log: Callable[[str], None] = field(default=lambda message: None)
+
+
+def _runtime_of(provider: str) -> str:
+    full = resolve_provider(provider)
+    return next(name for name, caps in RUNTIMES.items() if caps.provider == full)
+
+
+def _kernels(path: Path, provider: str) -> dict[str, int]:
+    ops = Counter(n.op_type for n in optimized_model(path, resolve_provider(provider)).graph.node)
+    return {op: ops[op] for op in INTEGER_OPS if ops[op]}
+
+
+def _file_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+class _Suite:
+    def __init__(self, config: BenchConfig) -> None:
+        self.c = config
+        self.runtime = _runtime_of(config.provider)
+        self.folder = Path(config.work_dir or tempfile.mkdtemp(prefix="fxq-bench-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict[str, Any]] = []
+        self.extra: dict[str, dict[str, Any]] = {}
+        self.profiles: dict[str, Any] = {}
+        self.lowering: dict[str, Any] = {}
+
+    def build(self) -> None:
+        import fxq
+        from fxq.ptq import float_graph
+
+        c = self.c
+        torch.manual_seed(c.seed)
+        self.model = fxq.models.build(c.model, checkpoint=c.checkpoint).eval()
+        self.float_gm = float_graph(self.model, c.size)
+        images = bench_images(c.images, c.size, c.calib_images + 1)
+        self.input, self.calibration = images[:1], [images[i:i + 1] for i in range(1, len(images))]
+
+    def float_onnx(self) -> Path:
+        path = self.folder / f"{self.c.model}-fp32.onnx"
+        if not path.exists():
+            lower_to_onnx(self.float_gm, self.input, path, opset=17)
+        return path
+
+    def fxq_model(self, name: str) -> Path:
+        policy = POLICIES[name]
+        self.c.log(f"quantizing {name} ({policy})")
+        path = self.folder / f"{self.c.model}-{name}.onnx"
+        if name.endswith("-plain"):
+            gm = quantize_for_runtime(self.float_gm, self.calibration, policy, runtime=None)
+            self.lowering[name] = lower_to_onnx(gm, self.input, path).to_dict()
+        else:
+            gm = quantize_for_runtime(self.float_gm, self.calibration, policy, self.runtime)
+            report = lower_for_runtime(gm, self.input, path, self.runtime)
+            self.lowering[name] = {k: v for k, v in report.to_dict().items() if k not in ("nodes", "node_names")}
+            self.lowering[name]["float_nodes"] = report.float_nodes
+        self.extra[name] = {"policy": policy}
+        return path
+
+    def ort_model(self, name: str) -> Path:
+        self.c.log(f"quantizing {name} with onnxruntime.quantization")
+        path = self.folder / f"{self.c.model}-{name}.onnx"
+        baseline = ort_quantize_static(self.float_onnx(), path, self.calibration, name.split("-", 1)[1])
+        self.extra[name] = {"preprocessed": baseline.preprocessed}
+        return path
+
+    def models(self) -> dict[str, Path]:
+        """Every requested ONNX row's model file, built in row order."""
+        paths = {}
+        for name in check_rows(self.c.rows):
+            if name == "ort-fp32":
+                paths[name] = self.float_onnx()
+            elif name.startswith("ort-"):
+                paths[name] = self.ort_model(name)
+            elif name.startswith("fxq-"):
+                paths[name] = self.fxq_model(name)
+        return paths
+
+    def isolated(self, fn, *args):
+        return in_fresh_process(fn, *args) if self.c.isolate else fn(*args)
+
+    def profile(self, name: str, nodes: list) -> None:
+        self.profiles[name] = {"by_op": {k: round(v, 3) for k, v in op_times(nodes).items()},
+                               "top_nodes": [{"node": n.node, "op": n.op, "ms": round(n.ms, 3)}
+                                             for n in nodes[:self.c.top_nodes]]}
+
+    def run(self) -> None:
+        c = self.c
+        rows = check_rows(c.rows)
+        paths = self.models()
+        timings = {}
+        if "torch" in rows:
+            c.log("timing torch (eager, this process)")
+            timings["torch"] = time_torch(self.model, self.input, c.threads, c.warmup, c.runs)
+        c.log(f"timing {', '.join(paths)} in turns" + (", then profiling each" if c.profile_runs else ""))
+        onnx_timings, profiles = self.isolated(measure_models, paths, self.input, c.provider, c.threads, c.warmup,
+                                               c.runs, c.rounds, c.profile_runs)
+        timings.update(onnx_timings)
+        for name in rows:
+            path = paths.get(name)
+            file_info = {"file": path.name, "file_bytes": _file_bytes(path), "kernels": _kernels(path, c.provider)} \
+                if path else {"file": None, "file_bytes": None, "kernels": {}}
+            self.rows.append({"name": name, **file_info, **timings[name].to_dict(), **self.extra.get(name, {})})
+            if name in profiles:
+                self.profile(name, profiles[name])
+        reference = timings["ort-fp32"].median_ms if "ort-fp32" in timings else None
+        for row in self.rows:
+            row["speedup_vs_ort_fp32"] = round(reference / row["median_ms"], 3) if reference else None
+
+    def latency(self) -> dict[str, dict[int, float]]:
+        per_bits = {}
+        for bits in self.c.latency_bits:
+            self.c.log(f"profiling every node at {bits}-bit weights for the latency table")
+            gm = quantize_for_runtime(self.float_gm, self.calibration, f"W{bits}A8", self.runtime, TABLE_OVERRIDES)
+            path = self.folder / f"{self.c.model}-latency-w{bits}.onnx"
+            report = lower_for_runtime(gm, self.input, path, self.runtime, verify=False)
+            nodes = self.isolated(profile_onnx, path, self.input, self.c.provider, self.c.threads,
+                                  max(self.c.profile_runs, 3))
+            weighted = {n.node for n in report.nodes if n.weight_storage is not None}
+            per_bits[bits] = {k: v for k, v in fx_node_ms(nodes, report.node_names).items() if k in weighted}
+        return latency_table(per_bits)
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Build, time and profile every requested row of ``config``; returns the results (JSON-serialisable),
+    with ``latency_table`` when ``config.latency_bits`` is given."""
+    if config.threads is not None and (not isinstance(config.threads, int) or config.threads < 1):
+        raise InputError(f"threads={config.threads!r} must be a positive integer")
+    suite = _Suite(config)
+    suite.build()
+    suite.run()
+    result: dict[str, Any] = {
+        "model": config.model, "size": list(config.size), "threads": config.threads, "provider": config.provider,
+        "warmup": config.warmup, "runs": config.runs, "calibration_images": config.calib_images,
+        "images": os.fspath(config.images), "onnxruntime": ort.__version__, "torch": torch.__version__,
+        "machine": _machine(), "rows": suite.rows, "profiles": suite.profiles, "lowering": suite.lowering,
+        "work_dir": str(suite.folder),
+    }
+    if config.latency_bits:
+        result["latency_table"] = suite.latency()
+    return result
+
+
+def _machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} CPUs"

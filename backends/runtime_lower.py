@@ -1,0 +1,166 @@
+"""Runtime-aware lowering: an ONNX QDQ model whose quantized nodes run on the runtime's fast kernels at the
+numerics of the fake-quant graph, and a report of what runs where.
+
+On top of :func:`fxq.backends.lower_to_onnx` (same markers, same scales), for ``runtime="ort-cpu"``
+(:data:`fxq.backends.capabilities.RUNTIMES` says why):
+
+- activations of 2–4 bits are stored uint8 / int8 with a Clip keeping their range (ORT has no 4-bit
+  activation kernel; the integers are the same);
+- 2–4-bit weights read with quantized activations stay int4 in the file and are cast to int8 at load, so the
+  int8 kernels run them; weight-only 4-bit MatMul weights are blocked for MatMulNBits;
+- a quantized Conv's bias is stored int32 with scale s_x·s_w;
+- compute nodes are renamed after their FX nodes (:mod:`fxq.backends.node_map`), so profiles name FX nodes.
+
+A Conv is fused only if the graph quantizes its output: run
+:func:`fxq.passes.runtime_prep.insert_output_quantizers` before calibration (and
+:func:`~fxq.passes.runtime_prep.quantize_biases` after it, so that the PyTorch graph adds the same int32
+bias). The report's rows say, per quantized FX node, the requested precision, the stored weight type, the
+kernel onnxruntime actually runs (read from its optimized graph when ``verify``) and what was changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx
+
+from fxq.backends.capabilities import RuntimeCapabilities, runtime_capabilities
+from fxq.backends.constants import constant_value
+from fxq.backends.fusion_probes import optimized_model
+from fxq.backends.lower_qdq import EXTERNAL_DATA_THRESHOLD, build_qdq_model, check_arguments, save_lowered
+from fxq.backends.node_map import rename_to_fx, runtime_name
+from fxq.backends.qdq_rewrite import prune
+from fxq.backends.qtensor import type_name
+from fxq.backends.quant_points import QuantPoint, collect_points
+from fxq.backends.runtime_report import NodeExecution, RuntimeLoweringReport
+from fxq.backends.runtime_rewrite import narrow_weights, quantize_conv_biases
+from fxq.quant import format_policy
+from fxq.quant.numerics import IntRange
+
+
+@dataclasses.dataclass(frozen=True)
+class _StoredWide(IntRange):
+    """A narrow integer range stored in a wider ONNX type."""
+
+    width: int = 8
+
+    @property
+    def storage_bits(self) -> int:
+        return self.width
+
+
+def _widen_activations(points: dict[str, QuantPoint], caps: RuntimeCapabilities) -> tuple[dict, list[str]]:
+    width = caps.activation_storage_bits
+    if width is None:
+        return points, []
+    out, widened = {}, []
+    for name, p in points.items():
+        if p.enabled and p.kind != "weight" and p.qrange.storage_bits < width:
+            r = p.qrange
+            p = dataclasses.replace(p, qrange=_StoredWide(r.bits, r.signed, r.qmin, r.qmax, width))
+            widened.append(name)
+        out[name] = p
+    notes = [f"{len(widened)} activation quantizer(s) of ≤4 bits stored in {width}-bit types with a range Clip "
+             f"(same integers; {caps.name} has no 4-bit activation kernel)"] if widened else []
+    return out, notes
+
+
+def lower_for_runtime(gm: torch.fx.GraphModule, example_images: torch.Tensor, path: str | os.PathLike,
+                      runtime: str = "ort-cpu", *, opset: int = 21, dynamic: bool = True, verify: bool = True,
+                      external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> RuntimeLoweringReport:
+    """Write ``gm`` to ``path`` as an ONNX QDQ model placed for ``runtime`` and report, per quantized node,
+    the requested precision vs the executed kernel and storage (kernels read from onnxruntime when ``verify``).
+
+    InputError when the runtime's execution provider is not installed (naming the available ones).
+    """
+    caps = runtime_capabilities(runtime)
+    points = collect_points(gm)
+    check_arguments(gm, example_images, opset, points)
+    points, notes = _widen_activations(points, caps)
+    model, counts, float_bytes = build_qdq_model(gm, example_images, points, opset, dynamic)
+    names = rename_to_fx(model, gm)
+    changes: dict[str, list[str]] = {}
+    rewrites = []
+    if caps.cast_narrow_weights or caps.weight_only_nbits:
+        rewrites.append(narrow_weights(model))
+    if caps.int32_conv_bias:
+        rewrites.append(quantize_conv_biases(model, _conv_biases(gm)))
+    for done in rewrites:
+        for node, what in done.items():
+            changes.setdefault(node, []).extend(what)
+    prune(model.graph)
+    base = save_lowered(model, Path(path), external_data_threshold, counts, points, float_bytes, dynamic)
+    kernels = executed_kernels(path, caps) if verify else {}
+    rows = [_row(gm, node, points, changes.get(node.name, []), kernels, caps, verify) for node in _compute_nodes(gm)]
+    return RuntimeLoweringReport(**dataclasses.asdict(base), runtime=runtime, nodes=rows, activation_changes=notes,
+                                 node_names=names)
+
+
+def _conv_biases(gm: torch.fx.GraphModule) -> dict[str, np.ndarray]:
+    """The (possibly fake-quantized) bias each weight-quantized conv adds, by FX node name."""
+    return {n.name: constant_value(gm, n.args[2]).detach().cpu().numpy() for n in _compute_nodes(gm)
+            if n.meta.get("fxq.role") == "conv" and len(n.args) > 2 and isinstance(n.args[2], torch.fx.Node)}
+
+
+def executed_kernels(path: str | os.PathLike, caps: RuntimeCapabilities) -> dict[str, str]:
+    """{node name: op type} of the graph onnxruntime runs for the model at ``path`` on the runtime."""
+    return {runtime_name(n.name): n.op_type for n in optimized_model(Path(path), caps.provider).graph.node}
+
+
+def _compute_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if (n.meta.get("fxq.quantized_inputs") or {}).get("weight")
+            or (n.meta.get("fxq.role") in ("attn_qk", "attn_av") and (n.meta.get("fxq.quantized_inputs") or {})
+                .get("inputs"))]
+
+
+def _requested(node: torch.fx.Node) -> str:
+    spec = node.meta.get("fxq.qspec")
+    if spec is None:
+        return "float"
+    if node.meta.get("fxq.role") in ("attn_qk", "attn_av"):
+        return f"A{spec.attn_bits}"
+    return format_policy(spec.replace(attn_bits=spec.a_bits))
+
+
+def _row(gm: torch.fx.GraphModule, node: torch.fx.Node, points: dict[str, QuantPoint], changes: list[str],
+         kernels: dict[str, str], caps: RuntimeCapabilities, verify: bool) -> NodeExecution:
+    record = node.meta.get("fxq.quantized_inputs") or {}
+    weight = points.get(record.get("weight") or "")
+    storage = type_name(weight.qrange) if weight is not None and weight.enabled else None
+    kernel = kernels.get(node.name) if verify else None
+    if verify and kernel is None:
+        kernel = "unmapped"
+    integer = None if not verify else kernel in caps.integer_kernels
+    if not verify:
+        executed = "unverified"
+    elif not integer:
+        executed = "float"
+    elif kernel == "MatMulNBits":
+        executed = f"{storage} weights, fp32 compute"
+    else:
+        executed = "int8" if storage in (None, "int8", "uint8") else f"{storage}→int8"
+    return NodeExecution(node.name, node.meta.get("fxq.module", ""), node.meta.get("fxq.role", ""),
+                         _requested(node), storage, executed, kernel, integer,
+                         _output_notes(gm, node, caps, kernel) + list(changes))
+
+
+def _output_notes(gm: torch.fx.GraphModule, node: torch.fx.Node, caps: RuntimeCapabilities,
+                  kernel: str | None) -> list[str]:
+    if node.meta.get("fxq.role") != "conv" or not caps.conv_needs_output_q:
+        return []
+    name = node.meta.get("fxq.output_quantizer")
+    if name is None:
+        return [] if kernel in caps.integer_kernels else [
+            "no output quantizer, so no integer conv kernel: run fxq.passes.runtime_prep.insert_output_quantizers "
+            "before calibration"]
+    action = node.meta.get("fxq.output_quantizer_action")
+    if action == "inserted":
+        return [f"output quantized to 8 bits by {name} (insert_output_quantizers)"]
+    if action == "shared":
+        return [f"all readers of its output read the quantized value of {name} (insert_output_quantizers)"]
+    return []
+

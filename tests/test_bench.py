@@ -1,0 +1,149 @@
+"""``fxq bench`` and its parts: timing statistics, profile parsing, the latency table's FX node names, the CLI
+on detr_tiny with every row (tiny N: the numbers are not looked at, only that they exist), and bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxq
+from fxq.backends import available_providers
+from fxq.backends.bench import NodeTime, fx_node_ms, latency_table, node_times, time_calls, time_onnx
+from fxq.backends.bench_variants import ROWS, bench_images
+from fxq.cli import main
+from fxq.passes.allocate import load_latency_table
+from fxq.passes.insert_quant import insert_quantizers
+from fxq.passes.policy import annotate_policy
+from fxq.ptq import float_graph
+
+FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-val2017-fixture"
+if not FIXTURE.is_dir():
+    FIXTURE = Path("/work/shared/data/coco-val2017-fixture")
+SIZE = 96
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_time_calls_statistics():
+    calls = []
+    timing = time_calls(lambda: calls.append(1), warmup=2, runs=7)
+    assert len(calls) == 9 and timing.runs == 7 and timing.warmup == 2
+    assert 0 <= timing.min_ms <= timing.median_ms <= timing.p90_ms
+    with pytest.raises(fxq.InputError, match="runs"):
+        time_calls(lambda: None, runs=0)
+
+
+def test_node_times_leave_out_the_warmup(tmp_path):
+    events = [{"cat": "Session", "name": "model_loading_uri", "dur": 999}]
+    for run, dur in enumerate([100, 10, 12]):  # warm-up run first
+        events += [{"cat": "Node", "name": "conv_token_3_kernel_time", "dur": dur * 1000,
+                    "args": {"op_name": "QLinearConv"}},
+                   {"cat": "Node", "name": "add_kernel_time", "dur": 1000 * (run + 1), "args": {"op_name": "Add"}},
+                   {"cat": "Node", "name": "add_fence_before", "dur": 5}]
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(events))
+    rows = {r.node: r for r in node_times(path, runs=2, warmup=1)}
+    assert set(rows) == {"conv", "add"}  # the NHWC transformer's _token_ suffix is stripped
+    assert rows["conv"].ms == pytest.approx(11.0) and rows["conv"].op == "QLinearConv"
+    assert rows["add"].ms == pytest.approx(2.5)
+
+
+def test_latency_table_keeps_nodes_measured_at_every_width():
+    per_bits = {4: fx_node_ms([NodeTime("a", "QLinearConv", 1.0), NodeTime("a/bias", "Add", 0.5),
+                               NodeTime("b", "MatMul", 2.0)], {"a": "conv_a", "a/bias": "conv_a", "b": "lin_b"}),
+                8: {"conv_a": 1.2}}
+    assert latency_table(per_bits) == {"conv_a": {4: 1.5, 8: 1.2}}
+
+
+def test_bench_images_are_real_images_padded_to_the_size():
+    images = bench_images(FIXTURE, (64, 80), 3)
+    assert images.shape == (3, 3, 64, 80)
+    assert images.abs().sum() > 0 and images.std() > 0.1
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One `fxq bench detr_tiny` run with every row and the latency table."""
+    folder = tmp_path_factory.mktemp("bench")
+    args = ["bench", "detr_tiny", "--images", str(FIXTURE), "--size", str(SIZE), str(SIZE), "--threads", "1",
+            "--warmup", "2", "--runs", "3", "--calib-images", "2", "--profile-runs", "1", "--rows", *ROWS,
+            "--work-dir", str(folder / "models"), "--json", str(folder / "bench.json"),
+            "--markdown", str(folder / "bench.md"), "--latency-table", str(folder / "latency.json"), "--quiet"]
+    assert main(args) == 0
+    return folder
+
+
+def test_bench_json_has_every_row(bench):
+    result = json.loads((bench / "bench.json").read_text())
+    assert [r["name"] for r in result["rows"]] == list(ROWS)
+    for row in result["rows"]:
+        assert row["runs"] == 3 and row["warmup"] == 2
+        assert 0 < row["median_ms"] <= row["p90_ms"]
+        assert row["speedup_vs_ort_fp32"] > 0
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["torch"]["file_bytes"] is None
+    assert rows["fxq-mixed"]["file_bytes"] < 0.6 * rows["fxq-int8"]["file_bytes"]
+    assert rows["fxq-int8"]["kernels"]["QLinearConv"] > rows["fxq-int8-plain"]["kernels"].get("QLinearConv", 0)
+    assert rows["ort-qoperator"]["kernels"]["QLinearConv"] > 0
+    assert set(result["profiles"]) == set(ROWS) - {"torch"}
+    assert all(p["top_nodes"] and p["by_op"] for p in result["profiles"].values())
+    assert result["lowering"]["fxq-int8"]["float_nodes"] == []
+    assert result["latency_table"] == str(bench / "latency.json")
+
+
+def test_bench_markdown_lists_every_row(bench):
+    text = (bench / "bench.md").read_text()
+    assert all(f"| {name} |" in text for name in ROWS)
+    assert "median ms" in text and "file MB" in text and "QLinearConv" in text
+
+
+def test_latency_table_names_fx_nodes_of_the_quantized_graph(bench):
+    table = load_latency_table(bench / "latency.json")
+    gm = copy.deepcopy(float_graph(fxq.models.build("detr_tiny", pretrained=False), (SIZE, SIZE)))
+    annotate_policy(gm, "W4A8")
+    insert_quantizers(gm)
+    weighted = {n.name for n in gm.graph.nodes if (n.meta.get("fxq.quantized_inputs") or {}).get("weight")}
+    assert table and set(table) <= weighted
+    assert len(table) >= 0.9 * len(weighted)  # the stem too: the table pins no node to 8 bits
+    assert all(set(row) == {4, 8} and all(ms >= 0 for ms in row.values()) for row in table.values())
+
+
+# -- bad input -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_missing_provider_is_one_clear_error(provider, tmp_path, capsys):
+    if provider in available_providers():
+        pytest.skip(f"{provider} is installed here")
+    code = main(["bench", "detr_tiny", "--images", str(FIXTURE), "--size", "64", "64", "--provider", provider,
+                 "--rows", "ort-fp32", "--work-dir", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "not available" in err and "available: cpu" in err
+
+
+def test_not_an_onnx_model_is_one_clear_error(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_text("not a protobuf")
+    with pytest.raises(fxq.InputError, match="is not an ONNX model") as err:
+        time_onnx(bad, torch.zeros(1, 3, 64, 64))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("args, message", [(["--rows", "tflite"], "unknown bench row"),
+                                           (["--runs", "0"], "--runs 0"),
+                                           (["--images", "/nonexistent"], "not a folder")])
+def test_bad_arguments(args, message, tmp_path, capsys):
+    code = main(["bench", "detr_tiny", "--images", str(FIXTURE), "--size", "64", "64", "--quiet",
+                 "--work-dir", str(tmp_path), *args])
+    assert code == 2 and message in capsys.readouterr().err
