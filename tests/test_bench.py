@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA
 
 import fxq
 from fxq.backends import available_providers
@@ -20,18 +20,8 @@ from fxq.passes.insert_quant import insert_quantizers
 from fxq.passes.policy import annotate_policy
 from fxq.ptq import float_graph
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-val2017-fixture"
-if not FIXTURE.is_dir():
-    FIXTURE = Path("/work/shared/data/coco-val2017-fixture")
+FIXTURE = DATA / "coco-val2017-fixture"
 SIZE = 96
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def test_time_calls_statistics():

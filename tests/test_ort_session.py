@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DATA
+from detections import TOP_K, assert_same_detections
 
 import fxq
 from fxq.backends import OrtSession, available_providers, lower_to_onnx
@@ -30,7 +31,6 @@ from fxq.passes.remove_dropout import remove_dropout
 # tests pin pretrained=False. Trained weights give larger logits and larger float-reassociation differences.
 LOGIT_BOUND = {"detr_tiny": 0.05, "deformable_detr_tiny": 0.1}
 BOX_BOUND = 2e-3  # normalised (cx, cy, w, h)
-TOP_K, BOX_PX, SCORE_TOL = 10, 1.5, 3e-3
 HEADS = {"detr_tiny": "softmax", "deformable_detr_tiny": "sigmoid"}
 
 
@@ -63,28 +63,6 @@ def lowered(request, batches, tmp_path_factory):
     path = tmp_path_factory.mktemp(name) / f"{name}-{policy}.onnx"
     report = lower_to_onnx(gm, torch.randn(1, 3, 160, 160), path)
     return name, gm, path, report
-
-
-def _top(result: dict[str, torch.Tensor], k: int):
-    order = result["scores"].argsort(descending=True)[:k]
-    return result["scores"][order], result["labels"][order], result["boxes"][order]
-
-
-def assert_same_detections(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
-    """Top-k detections agree: each reference detection has an ORT one with the same label, a box within
-    BOX_PX pixels and a score within SCORE_TOL; only near-ties at the top-k boundary may swap."""
-    r_scores, r_labels, r_boxes = _top(ref, TOP_K)
-    g_scores, g_labels, g_boxes = _top(got, TOP_K)
-    used: set[int] = set()
-    for score, label, box in zip(r_scores, r_labels, r_boxes, strict=True):
-        candidates = [j for j in range(len(g_scores)) if j not in used and g_labels[j] == label
-                      and (g_boxes[j] - box).abs().max() <= BOX_PX]
-        if not candidates:
-            assert score - r_scores[-1] <= SCORE_TOL, "a confident detection has no ORT counterpart"
-            continue
-        j = min(candidates, key=lambda c: abs(g_scores[c] - score))
-        used.add(j)
-        assert abs(g_scores[j] - score) <= SCORE_TOL
 
 
 def test_detector_parity_on_real_images(lowered, batches):

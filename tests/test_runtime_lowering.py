@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import DATA
+from detections import TOP_K, assert_same_detections
 
 import fxq
 from fxq.backends import OrtSession, lower_for_runtime, lower_to_onnx, runtime_capabilities
@@ -37,22 +38,9 @@ from fxq.passes.policy import annotate_policy
 from fxq.passes.runtime_prep import BiasQuantizer, insert_output_quantizers, quantize_biases
 from fxq.ptq import float_graph
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
-
 LOGIT_BOUND = {("detr_tiny", "W8A8"): 0.04, ("detr_tiny", "W4A8"): 0.04, ("detr_tiny", "W4A4"): 0.04,
                ("deformable_detr_tiny", "W4A8"): 0.1}
 BOX_BOUND = 2e-3
-TOP_K, BOX_PX, SCORE_TOL = 10, 1.5, 3e-3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 # -- the capability table, checked on the live onnxruntime -------------------------------------------------
@@ -178,26 +166,6 @@ def lowered(request, float_graphs, batches, tmp_path_factory):
     path = tmp_path_factory.mktemp(name) / f"{name}-{policy}.onnx"
     report = lower_for_runtime(gm, torch.randn(1, 3, 160, 160), path, "ort-cpu")
     return name, policy, gm, path, report
-
-
-def _top(result: dict[str, torch.Tensor], k: int):
-    order = result["scores"].argsort(descending=True)[:k]
-    return result["scores"][order], result["labels"][order], result["boxes"][order]
-
-
-def assert_same_detections(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
-    r_scores, r_labels, r_boxes = _top(ref, TOP_K)
-    g_scores, g_labels, g_boxes = _top(got, TOP_K)
-    used: set[int] = set()
-    for score, label, box in zip(r_scores, r_labels, r_boxes, strict=True):
-        close = [j for j in range(len(g_scores)) if j not in used and g_labels[j] == label
-                 and (g_boxes[j] - box).abs().max() <= BOX_PX]
-        if not close:
-            assert score - r_scores[-1] <= SCORE_TOL, "a confident detection has no ORT counterpart"
-            continue
-        j = min(close, key=lambda c: abs(g_scores[c] - score))
-        used.add(j)
-        assert abs(g_scores[j] - score) <= SCORE_TOL
 
 
 def test_runtime_lowering_matches_the_fake_quant_graph(lowered, batches):
