@@ -26,12 +26,10 @@ from fxq.io import write_json
 from fxq.objectives import build_criterion
 from fxq.passes.allocate import build_problem, solve_mckp
 from fxq.passes.fisher import fisher_traces
-from fxq.passes.fold_bn import fold_batchnorm
 from fxq.passes.hutchinson import hutchinson_traces
-from fxq.passes.pass_manager import PassManager
 from fxq.passes.policy import annotate_policy
-from fxq.passes.remove_dropout import remove_dropout
 from fxq.passes.tie_groups import attention_groups
+from fxq.ptq import float_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,8 +112,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    gm = fxq.trace(fxq.models.build(args.model), torch.randn(1, 3, args.size, args.size))
-    PassManager([remove_dropout, fold_batchnorm])(gm)
+    gm = float_graph(fxq.models.build(args.model), (args.size, args.size))
     annotate_policy(gm, "W8A8")
     data = batches(args.images, args.batch_size, args.size, gm.num_classes)
     plain(gm, data[:1], per_image=False)  # warm-up

@@ -79,20 +79,16 @@ def run(args: argparse.Namespace) -> int:
     from fxq.models import build
     from fxq.passes.allocate import allocate_bits
     from fxq.passes.analysis_io import save_analysis
-    from fxq.passes.fold_bn import fold_batchnorm
-    from fxq.passes.pass_manager import PassManager
     from fxq.passes.policy import annotate_policy
-    from fxq.passes.remove_dropout import remove_dropout
     from fxq.passes.report import allocation_table, plot_allocation
     from fxq.passes.tie_groups import attention_groups
-    from fxq.tracing import trace
+    from fxq.ptq import float_graph
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.size < 32:
         raise InputError(f"--size {args.size} is too small: DETR backbones downsample by 32, use at least 32")
-    gm = trace(build(args.model, checkpoint=args.checkpoint), torch.zeros(1, 3, args.size, args.size))
-    PassManager([remove_dropout, fold_batchnorm])(gm)
+    gm = float_graph(build(args.model, checkpoint=args.checkpoint), (args.size, args.size))
     annotate_policy(gm, args.policy)
     _analyse(gm, args)
     ties = attention_groups(gm) if args.tie_qkv else None

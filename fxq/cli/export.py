@@ -41,13 +41,11 @@ def run(args: argparse.Namespace) -> int:
     from fxq.io import write_json
     from fxq.models import build
     from fxq.passes.calibrate import calibrate
-    from fxq.passes.fold_bn import fold_batchnorm
     from fxq.passes.insert_quant import insert_quantizers
     from fxq.passes.policy import annotate_policy
-    from fxq.passes.remove_dropout import remove_dropout
     from fxq.passes.runtime_prep import RUNTIMES as PREPARED
     from fxq.passes.runtime_prep import insert_output_quantizers, quantize_biases
-    from fxq.tracing import trace
+    from fxq.ptq import float_graph
 
     h, w = args.size
     if h < 32 or w < 32:
@@ -55,9 +53,7 @@ def run(args: argparse.Namespace) -> int:
     data = CocoDetection.from_folder(args.calib, transforms=eval_transforms(min(h, w), max(h, w)))
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, collate_fn=collate)
     example = torch.zeros(1, 3, h, w)
-    gm = trace(build(args.model, checkpoint=args.checkpoint).eval(), example)
-    remove_dropout(gm)
-    fold_batchnorm(gm)
+    gm = float_graph(build(args.model, checkpoint=args.checkpoint), (h, w))
     annotate_policy(gm, args.policy)
     insert_quantizers(gm)
     if args.runtime:
