@@ -132,6 +132,8 @@ class RuntimeCapabilities:
     ``conv_needs_output_q``: a Conv is fused only with an output quantizer (see
     :func:`fxq.passes.runtime_prep.insert_output_quantizers`); ``activation_storage_bits``: narrower
     activations are stored at this width (with a Clip keeping their range) so that the int8 kernels run them;
+    ``space_to_depth_convs``: strided convs on few channels (the stem) run as space-to-depth + stride-1 conv
+    (:mod:`fxq.backends.space_to_depth`);
     ``verified``: whether ``facts`` are checked by the tests on this machine.
     """
 
@@ -143,6 +145,7 @@ class RuntimeCapabilities:
     int32_conv_bias: bool = False
     conv_needs_output_q: bool = False
     activation_storage_bits: int | None = None
+    space_to_depth_convs: bool = False
     integer_kernels: tuple[str, ...] = ()
     facts: tuple[FusionFact, ...] = field(default=())
     verified: bool = False
@@ -153,7 +156,7 @@ RUNTIMES: dict[str, RuntimeCapabilities] = {
         "ort-cpu", "CPUExecutionProvider", "onnxruntime CPU: u8 activations × s8 weights through QLinearConv, "
         "QLinearMatMul and MatMulIntegerToFloat; int4 only through MatMulNBits (weight-only) or as storage",
         cast_narrow_weights=True, weight_only_nbits=True, int32_conv_bias=True, conv_needs_output_q=True,
-        activation_storage_bits=8,
+        activation_storage_bits=8, space_to_depth_convs=True,
         integer_kernels=("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger",
                          "QGemm", "MatMulNBits", "DynamicQuantizeMatMul", "QLinearAdd"),
         facts=ORT_CPU_FACTS, verified=True),

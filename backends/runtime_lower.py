@@ -9,6 +9,8 @@ On top of :func:`fxq.backends.lower_to_onnx` (same markers, same scales), for ``
 - 2–4-bit weights read with quantized activations stay int4 in the file and are cast to int8 at load, so the
   int8 kernels run them; weight-only 4-bit MatMul weights are blocked for MatMulNBits;
 - a quantized Conv's bias is stored int32 with scale s_x·s_w;
+- a strided conv on few input channels (the ResNet stem) runs as space-to-depth + a stride-1 conv
+  (:mod:`fxq.backends.space_to_depth`, same integer sums, about twice as fast);
 - compute nodes are renamed after their FX nodes (:mod:`fxq.backends.node_map`), so profiles name FX nodes.
 
 A Conv is fused only if the graph quantizes its output: run
@@ -38,6 +40,7 @@ from fxq.backends.qtensor import type_name
 from fxq.backends.quant_points import QuantPoint, collect_points
 from fxq.backends.runtime_report import NodeExecution, RuntimeLoweringReport
 from fxq.backends.runtime_rewrite import narrow_weights, quantize_conv_biases
+from fxq.backends.space_to_depth import space_to_depth_convs
 from fxq.quant import format_policy
 from fxq.quant.numerics import IntRange
 
@@ -89,6 +92,8 @@ def lower_for_runtime(gm: torch.fx.GraphModule, example_images: torch.Tensor, pa
         rewrites.append(narrow_weights(model))
     if caps.int32_conv_bias:
         rewrites.append(quantize_conv_biases(model, _conv_biases(gm)))
+    if caps.space_to_depth_convs:
+        rewrites.append(space_to_depth_convs(model))
     for done in rewrites:
         for node, what in done.items():
             changes.setdefault(node, []).extend(what)

@@ -188,6 +188,8 @@ def test_every_quantized_node_runs_an_integer_kernel(lowered):
     for row in report.nodes:
         by_role.setdefault(row.role, set()).add(row.kernel)
     assert by_role["conv"] == {"QLinearConv"}
+    (stem,) = [row for row in report.nodes if row.module == "backbone.0.body.conv1"]
+    assert any("space-to-depth(2) + 4×4/1 conv on 12 channels" in c for c in stem.changes)
     assert by_role["linear"] <= {"MatMulIntegerToFloat", "QLinearMatMul"}
     assert by_role.get("attn_qk", {"MatMulIntegerToFloat"}) <= {"MatMulIntegerToFloat", "QLinearMatMul"}
     fx_names = {n.name for n in gm.graph.nodes}
