@@ -21,11 +21,21 @@ from fxq.passes.pass_manager import PassResult
 
 
 def graph_inputs(gm: torch.fx.GraphModule, batch: Any) -> tuple[torch.Tensor, ...]:
-    """The positional inputs ``gm`` takes from a loader batch: (images,) or (images, mask)."""
+    """The positional inputs ``gm`` takes from a loader batch: (images,) or (images, mask), on ``gm``'s device."""
+    device = _device(gm)
     if isinstance(batch, torch.Tensor):
-        return (batch,)
+        return (batch.to(device),)
     images, mask = batch[0], batch[1] if len(batch) > 1 else None
-    return (images, mask) if getattr(gm, "takes_mask", False) else (images,)
+    if getattr(gm, "takes_mask", False):
+        return images.to(device), None if mask is None else mask.to(device)
+    return (images.to(device),)
+
+
+def _device(gm: torch.nn.Module) -> torch.device:
+    tensor = next(gm.parameters(), None)
+    if tensor is None:
+        tensor = next(gm.buffers(), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 def _set_weight_modes(gm: torch.fx.GraphModule, observing: bool) -> None:

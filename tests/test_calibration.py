@@ -270,3 +270,15 @@ def test_nan_refused_by_every_observer(method):
     obs = make_observer(method, IntRange.of(8, True), True, name="decoder_softmax_3")
     with pytest.raises(InputError, match="decoder_softmax_3"):
         obs.update(torch.tensor([1.0, float("nan")]))
+
+
+def test_graph_inputs_follow_the_graph_to_its_device():
+    """Loader batches are moved to the device of the graph's parameters (here the meta device)."""
+    from fxq.passes.calibrate import graph_inputs
+
+    gm = torch.fx.symbolic_trace(torch.nn.Conv2d(3, 4, 3)).to("meta")
+    images, mask = torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.bool)
+    (moved,) = graph_inputs(gm, (images, mask, []))
+    assert moved.device.type == "meta" and images.device.type == "cpu"
+    gm.takes_mask = True
+    assert [t.device.type for t in graph_inputs(gm, (images, mask, []))] == ["meta", "meta"]
