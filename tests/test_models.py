@@ -7,6 +7,7 @@ import torch
 from conftest import reference_layout
 from torch import nn
 
+import fxq
 from fxq.models import build
 from fxq.models.attention import MultiheadAttention
 from fxq.models.frozen_bn import FrozenBatchNorm2d
@@ -70,13 +71,26 @@ def test_dilated_last_stage_keeps_stride_16():
     assert dc5.layer4[1].conv1.dilation == (2, 2)
 
 
-def test_detr_outputs_and_aux():
-    model = build("detr_tiny")
+@pytest.mark.parametrize("head", ["softmax", "sigmoid"])
+def test_detr_outputs_and_aux(head):
+    model = build("detr_tiny", pretrained=False, head=head)
     out = model(torch.randn(2, 3, 96, 128))
-    q, k = model.num_queries, model.num_classes + 1
+    q, k = model.num_queries, model.num_classes + (head == "softmax")
+    assert model.head == head
     assert out["pred_logits"].shape == (2, q, k) and out["pred_boxes"].shape == (2, q, 4)
     assert len(out["aux_outputs"]) == len(model.transformer.decoder.layers) - 1
     assert ((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1)).all()
+
+
+def test_sigmoid_head_starts_at_the_focal_prior():
+    """The sigmoid head's bias starts every class at probability 0.01, as the focal loss assumes."""
+    model = build("detr_tiny", pretrained=False, head="sigmoid")
+    assert torch.allclose(model.class_embed.bias.sigmoid(), torch.full_like(model.class_embed.bias, 0.01))
+
+
+def test_unknown_head_is_one_error():
+    with pytest.raises(fxq.InputError, match="unknown head 'softmax2'"):
+        build("detr_tiny", pretrained=False, head="softmax2")
 
 
 def test_no_mask_equals_all_false_mask():

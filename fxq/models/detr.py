@@ -7,6 +7,8 @@ feature map's shape, so the model traces with torch.fx and the graph runs at any
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -15,21 +17,31 @@ from fxq.models.mlp import MLP
 from fxq.models.position_encoding import PositionEmbeddingSine
 from fxq.models.resnet import ResNetBody
 from fxq.models.transformer import Transformer
+from fxq.objectives.heads import check_head
+
+PRIOR_PROB = 0.01
 
 
 class DETR(nn.Module):
-    """DETR with a ResNet backbone; softmax classification over ``num_classes`` + 1 (no-object) logits."""
+    """DETR with a ResNet backbone.
 
-    head = "softmax"
+    ``head="softmax"`` (official): ``num_classes`` + 1 logits, the last one "no object".
+    ``head="sigmoid"``: ``num_classes`` independent logits with a 0.01 prior bias, trained with the focal loss
+    (as Deformable and Conditional DETR); it converges several times faster from scratch.
+    """
 
     def __init__(self, backbone_name: str = "resnet50", dilation: bool = False, base_width: int = 64,
                  hidden_dim: int = 256, nheads: int = 8, enc_layers: int = 6, dec_layers: int = 6,
                  dim_feedforward: int = 2048, dropout: float = 0.1, num_queries: int = 100,
-                 num_classes: int = 91, aux_loss: bool = True, backbone_norm: str = "frozen_bn") -> None:
+                 num_classes: int = 91, aux_loss: bool = True, backbone_norm: str = "frozen_bn",
+                 head: str = "softmax") -> None:
         super().__init__()
+        self.head = check_head(head)
         self.num_classes, self.num_queries, self.aux_loss = num_classes, num_queries, aux_loss
         self.transformer = Transformer(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout)
-        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.class_embed = nn.Linear(hidden_dim, num_classes + (head == "softmax"))
+        if head == "sigmoid":
+            nn.init.constant_(self.class_embed.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         body = ResNetBody(backbone_name, ("layer4",), dilation, base_width, backbone_norm)
@@ -37,8 +49,8 @@ class DETR(nn.Module):
         self.backbone = Joiner(Backbone(body), PositionEmbeddingSine(hidden_dim // 2))
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-        """``pred_logits`` [B, Q, K+1], ``pred_boxes`` [B, Q, 4] (cx, cy, w, h in [0, 1]) and, when
-        ``aux_loss``, ``aux_outputs`` for every decoder layer but the last."""
+        """``pred_logits`` [B, Q, K+1] (softmax) or [B, Q, K] (sigmoid), ``pred_boxes`` [B, Q, 4] (cx, cy, w, h
+        in [0, 1]) and, when ``aux_loss``, ``aux_outputs`` for every decoder layer but the last."""
         features, masks, pos = self.backbone(images, mask)
         hs = self.transformer(self.input_proj(features[-1]), masks[-1], self.query_embed.weight, pos[-1])
         logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()
