@@ -14,7 +14,8 @@ def test_train_writes_weights_and_metrics_that_load(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     assert main(["data", "synth", "--out", str(data), "--seed", "3", "--train", "8", "--val", "4", "--size", "96"]) == 0
     assert main(["train", "detr_tiny", "--data", str(data), "--out", str(run), "--epochs", "1", "--batch-size", "4",
-                 "--size", "96", "--warmup", "1", "--no-progress"]) == 0
+                 "--size", "96", "--warmup", "1", "--no-progress", "--backbone-from", "deformable_detr_tiny"]) == 0
+    assert json.loads((run / "config.json").read_text())["argv"]["backbone_from"] == "deformable_detr_tiny"
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
     metrics = json.loads((run / "eval.json").read_text())

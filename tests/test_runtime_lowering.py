@@ -9,7 +9,7 @@ with a float multiplier, so a few rounding decisions differ by one step and prop
 top-10 post-processed detections must agree (same labels, boxes within 1.5 px, scores within 3e-3; only
 near-ties at the top-10 boundary may swap). Those bounds hold for random weights (the fixtures pin
 ``pretrained=False``); trained weights give larger logits (|logits| ≤ 12) and larger differences — also between
-the plain QDQ lowering run by ORT without optimizations and PyTorch (0.069 on detr_tiny) — so for them the
+the plain QDQ lowering run by ORT without optimizations and PyTorch (0.089 on deformable_detr_tiny) — so for them the
 trained-weight test below has its own measured bounds.
 """
 
@@ -237,17 +237,16 @@ def test_narrow_activations_are_stored_in_eight_bits(lowered):
 
 
 #: Trained weights (fxq's embedded tiny models), W8A8: measured max / mean |Δ| (logits; boxes), about ×2 here.
-TRAINED_BOUNDS = {"detr_tiny": ((0.18, 0.008), (0.03, 0.003)),
+TRAINED_BOUNDS = {"detr_tiny": ((0.2, 0.032), (0.016, 0.003)),
                   "deformable_detr_tiny": ((0.12, 0.013), (0.007, 5e-4))}
 
 
 @pytest.mark.parametrize("name", ["detr_tiny", "deformable_detr_tiny"])
 def test_parity_on_trained_weights(name, batches, tmp_path):
-    """Measured: detr_tiny max / mean |Δ logits| 0.089 / 0.0036 (|logits| ≤ 11.4), |Δ boxes| 0.015 / 0.0016;
+    """Measured: detr_tiny max / mean |Δ logits| 0.098 / 0.016 (|logits| ≤ 9.6), |Δ boxes| 0.008 / 0.0013;
     deformable_detr_tiny 0.060 / 0.0065 (|logits| ≤ 8.3), 0.003 / 2.5e-4. For comparison, the plain QDQ lowering
-    of the same models without the runtime preparation, run by ORT without any fusion, is 0.069 / 0.013
-    (detr_tiny) and 0.089 / 0.004 (deformable) from PyTorch: float reassociation alone flips rounding decisions
-    that trained weights amplify."""
+    of deformable_detr_tiny without the runtime preparation, run by ORT without any fusion, is 0.089 / 0.004 from
+    PyTorch: float reassociation alone flips rounding decisions that trained weights amplify."""
     gm = _prepared(float_graph(fxq.models.build(name), (160, 160)), "W8A8", batches[0][0])
     lower_for_runtime(gm, torch.randn(1, 3, 160, 160), tmp_path / "runtime.onnx", verify=False)
     images = batches[1][0]

@@ -29,12 +29,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip", type=float, default=0.1)
     p.add_argument("--schedule", choices=("step", "cosine"), default="cosine")
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--cls-loss-coef", type=float, default=None,
+                   help="weight of the classification loss (default: 1 softmax head, 2 sigmoid head, as DETR / "
+                   "Deformable DETR)")
     p.add_argument("--one-to-many", type=int, default=1, help="repeat every ground-truth box k times in matching")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
     p.add_argument("--init", help="start from these weights (e.g. an earlier run's model.pt) instead of random")
+    p.add_argument("--backbone-from", help="initialise the ResNet backbone from this trained detector: a model "
+                   "name with embedded weights (e.g. deformable_detr_tiny) or a checkpoint file")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -58,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from fxq.evaluation import evaluate_model
     from fxq.io import write_atomic, write_json
     from fxq.models import build, config_of
+    from fxq.models.transfer import copy_backbone
     from fxq.objectives import build_criterion
     from fxq.train import TrainConfig, train
 
@@ -66,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     train_set, val_set = _datasets(args)
     model = build(args.model, checkpoint=args.init, num_classes=train_set.num_classes).train()
-    criterion = build_criterion(model.head, one_to_many=args.one_to_many)
+    if args.backbone_from:
+        copy_backbone(model, args.backbone_from)
+    weights = {} if args.cls_loss_coef is None else {"loss_ce": args.cls_loss_coef}
+    criterion = build_criterion(model.head, one_to_many=args.one_to_many, weights=weights)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       lr_backbone=args.lr if args.lr_backbone is None else args.lr_backbone,
                       weight_decay=args.weight_decay, clip_max_norm=args.clip, schedule=args.schedule,

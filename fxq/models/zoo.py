@@ -10,7 +10,8 @@ from torch import nn
 from fxq.models.detr import DETR
 
 TINY_DETR = dict(backbone_name="resnet18", dilation=True, base_width=24, hidden_dim=128, nheads=4, enc_layers=2,
-                 dec_layers=3, dim_feedforward=512, num_queries=40, num_classes=25, backbone_norm="bn")
+                 dec_layers=3, dim_feedforward=512, num_queries=16, num_classes=25, backbone_norm="bn",
+                 head="sigmoid")
 TINY_DEFORMABLE = dict(backbone_name="resnet18", base_width=24, hidden_dim=128, nheads=4, enc_layers=2,
                        dec_layers=3, dim_feedforward=512, num_queries=40, num_classes=25, num_feature_levels=3,
                        with_box_refine=True, backbone_norm="bn")

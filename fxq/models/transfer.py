@@ -1,0 +1,43 @@
+"""Initialise a detector's backbone from another trained detector (the role ImageNet weights play for DETR)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from fxq.errors import InputError
+from fxq.models.checkpoint import read_state_dict
+from fxq.models.embedded import embedded_weights
+from fxq.models.zoo import CONFIGS
+
+BACKBONE_PREFIX = "backbone.0."
+
+
+def _source_state(source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    if isinstance(source, str) and source in CONFIGS:
+        path = embedded_weights(source)
+        if path is None:
+            raise InputError(f"model {source!r} has no embedded weights to take a backbone from; pass a checkpoint "
+                             "file (e.g. a finished run's model.pt) instead")
+        return read_state_dict(path)
+    return read_state_dict(source)
+
+
+def copy_backbone(model: nn.Module, source: str | os.PathLike) -> int:
+    """Load every ``backbone.0.*`` tensor of ``model`` from ``source`` (a zoo name with embedded weights, or a
+    checkpoint file); returns how many were copied. InputError, before anything is changed, when the source
+    lacks one of them or has another shape (a different backbone)."""
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(BACKBONE_PREFIX)}
+    state = _source_state(source)
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise InputError(f"{source!s} has no {missing[0]!r} ({len(missing)} of the {len(own)} backbone tensors "
+                         "missing): take the backbone from a detector with the same ResNet")
+    for key, value in own.items():
+        if state[key].shape != value.shape:
+            raise InputError(f"{source!s}: backbone tensor {key!r} has shape {tuple(state[key].shape)}, this model "
+                             f"needs {tuple(value.shape)}: take the backbone from a detector with the same ResNet")
+    model.load_state_dict({k: state[k].to(v.dtype) for k, v in own.items()}, strict=False)
+    return len(own)
