@@ -14,7 +14,8 @@ Numerics are unchanged: the padding is float 0, which quantizes to the zero-poin
 pads with); the rearranged input is quantized with the original scale and zero-point; weight integers, scales
 and the bias are the same, and each output sums the same products (plus products with zero weights).
 
-Applies to a Conv whose input is a dequantized activation and whose weight a dequantized int8 constant, with
+Applies to a Conv whose input is a dequantized activation and whose weight a dequantized int8 or int4 constant
+(possibly through the int4→int8 Cast of :mod:`fxq.backends.runtime_rewrite`), with
 group 1, dilation 1, equal strides s ≥ 2, kernel sizes k ≡ 1 (mod s) (so that the output size is unchanged),
 symmetric pads and at most :data:`MAX_INPUT_CHANNELS` input channels. The padding is computed from the input's
 shape at run time (dynamic-shape models), rounding the padded size up to a multiple of s.
@@ -29,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fxq.backends.node_map import consumers
 
 MAX_INPUT_CHANNELS = 4
-_INT8_TYPES = (TensorProto.INT8, TensorProto.UINT8)
+_INTEGER_TYPES = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4)
 
 Changes = dict[str, list[str]]
 
@@ -95,9 +96,9 @@ def space_to_depth_convs(model: onnx.ModelProto) -> Changes:
         if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
             continue
         x_q = producers.get(x_dq.input[0])
-        w_init = inits.get(w_dq.input[0])
-        if x_q is None or x_q.op_type != "QuantizeLinear" or w_init is None or w_init.data_type not in _INT8_TYPES \
-                or len(users.get(w_init.name, [])) != 1 or len(users.get(w_dq.output[0], [])) != 1:
+        w_init = _weight_initializer(w_dq, inits, producers, users)
+        if x_q is None or x_q.op_type != "QuantizeLinear" or w_init is None \
+                or len(users.get(w_dq.output[0], [])) != 1:
             continue
         w = numpy_helper.to_array(w_init)
         if w.ndim != 4 or w.shape[1] > MAX_INPUT_CHANNELS:
@@ -111,6 +112,22 @@ def space_to_depth_convs(model: onnx.ModelProto) -> Changes:
             f"{w.shape[2]}×{w.shape[3]}/{stride} conv on {w.shape[1]} channels run as space-to-depth({stride}) + "
             f"{new[2]}×{new[3]}/1 conv on {new[1]} channels (same integer sums)")
     return changes
+
+
+def _weight_initializer(w_dq: onnx.NodeProto, inits: dict[str, TensorProto], producers: dict[str, onnx.NodeProto],
+                        users: dict[str, list[onnx.NodeProto]]) -> TensorProto | None:
+    """The integer initializer the weight DequantizeLinear reads (directly or through the int4→int8 Cast), when
+    nothing else reads it; else None."""
+    name = w_dq.input[0]
+    cast = producers.get(name)
+    if cast is not None and cast.op_type == "Cast":
+        if len(users.get(name, [])) != 1:
+            return None
+        name = cast.input[0]
+    init = inits.get(name)
+    if init is None or init.data_type not in _INTEGER_TYPES or len(users.get(name, [])) != 1:
+        return None
+    return init
 
 
 def _rewrite(graph: onnx.GraphProto, conv: onnx.NodeProto, x_q: onnx.NodeProto, x_dq: onnx.NodeProto,

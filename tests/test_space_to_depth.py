@@ -15,12 +15,16 @@ from onnx import TensorProto, helper, numpy_helper
 from fxq.backends.space_to_depth import _rearranged, space_to_depth_convs
 
 
-def _qdq_conv(channels: int, kernel: int, stride: int, pad: int, seed: int = 0) -> onnx.ModelProto:
-    """x (dynamic H, W) → Q(u8) → DQ → Conv(DQ(s8 per-channel weight), int32 bias) → Q → DQ."""
+def _qdq_conv(channels: int, kernel: int, stride: int, pad: int, seed: int = 0, int4: bool = False) -> onnx.ModelProto:
+    """x (dynamic H, W) → Q(u8) → DQ → Conv(DQ(s8 per-channel weight), int32 bias) → Q → DQ; with ``int4`` the
+    weight is stored int4 and cast to int8 before its DequantizeLinear (as the runtime-aware lowering does)."""
     rng = np.random.default_rng(seed)
     out = 16
+    shape = (out, channels, kernel, kernel)
+    weight = (helper.make_tensor("w_int4", TensorProto.INT4, shape, rng.integers(-8, 8, shape).flatten().tolist())
+              if int4 else numpy_helper.from_array(rng.integers(-127, 128, shape).astype(np.int8), "w"))
     inits = [
-        numpy_helper.from_array(rng.integers(-127, 128, (out, channels, kernel, kernel)).astype(np.int8), "w"),
+        weight,
         numpy_helper.from_array((rng.random(out).astype(np.float32) + 0.5) * 1e-2, "ws"),
         numpy_helper.from_array(np.zeros(out, np.int8), "wz"),
         numpy_helper.from_array(rng.integers(-500, 500, out).astype(np.int32), "b"),
@@ -29,7 +33,8 @@ def _qdq_conv(channels: int, kernel: int, stride: int, pad: int, seed: int = 0) 
     ]
     inits.append(numpy_helper.from_array((numpy_helper.to_array(inits[1]) * 0.02).astype(np.float32), "bs"))
     inits.append(numpy_helper.from_array(np.zeros(out, np.int32), "bz"))
-    nodes = [
+    cast = [helper.make_node("Cast", ["w_int4"], ["w"], name="w_cast", to=TensorProto.INT8)] if int4 else []
+    nodes = cast + [
         helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="xq"),
         helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="xd"),
         helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="wd", axis=0),
@@ -53,14 +58,17 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("kernel, stride, pad", [(7, 2, 3), (3, 2, 1), (5, 2, 0), (7, 3, 2)])
-def test_rewritten_conv_gives_the_same_integers_at_any_size(kernel, stride, pad):
-    original = _qdq_conv(3, kernel, stride, pad)
+@pytest.mark.parametrize("kernel, stride, pad, int4", [(7, 2, 3, False), (3, 2, 1, False), (5, 2, 0, False),
+                                                      (7, 3, 2, False), (7, 2, 3, True)])
+def test_rewritten_conv_gives_the_same_integers_at_any_size(kernel, stride, pad, int4):
+    original = _qdq_conv(3, kernel, stride, pad, int4=int4)
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(original)
     changes = space_to_depth_convs(rewritten)
     onnx.checker.check_model(rewritten, full_check=True)
     assert list(changes) == ["stem"] and "space-to-depth" in changes["stem"][0]
+    stored = {t.name: t.data_type for t in rewritten.graph.initializer}
+    assert stored["w_int4" if int4 else "w"] == (TensorProto.INT4 if int4 else TensorProto.INT8)
     before, after = _session(original), _session(rewritten)
     rng = np.random.default_rng(1)
     for h, w in [(32, 32), (33, 47), (20, 19), (64, 40)]:
