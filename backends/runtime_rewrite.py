@@ -35,7 +35,7 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 Changes = dict[str, list[str]]
 
 
-class _Graph:
+class GraphIndex:
     """Lookups over one graph: initializers, producers and consumers by tensor name."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
@@ -71,7 +71,7 @@ class _Graph:
         self.inits[tensor.name] = tensor
 
 
-def _weight_readers(g: _Graph) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
+def _weight_readers(g: GraphIndex) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
     """(weight DequantizeLinear, compute node reading it) for every quantized weight."""
     pairs = []
     for node in g.graph.node:
@@ -82,12 +82,12 @@ def _weight_readers(g: _Graph) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
     return pairs
 
 
-def _narrow_type(g: _Graph, dq: onnx.NodeProto) -> int | None:
+def _narrow_type(g: GraphIndex, dq: onnx.NodeProto) -> int | None:
     data_type = g.inits[dq.input[0]].data_type
     return data_type if data_type in _NARROW else None
 
 
-def _cast_to_int8(g: _Graph, dq: onnx.NodeProto, wide: int) -> None:
+def _cast_to_int8(g: GraphIndex, dq: onnx.NodeProto, wide: int) -> None:
     prefix = dq.name.rsplit("/", 1)[0]
     cast = helper.make_node("Cast", [dq.input[0]], [f"{prefix}/int8"], name=f"{prefix}/Cast", to=wide)
     g.graph.node.insert(list(g.graph.node).index(dq), cast)
@@ -108,7 +108,7 @@ def _axis(dq: onnx.NodeProto) -> int | None:
     return next((helper.get_attribute_value(a) for a in dq.attribute if a.name == "axis"), None)
 
 
-def _to_blocked(g: _Graph, dq: onnx.NodeProto, reader: onnx.NodeProto) -> bool:
+def _to_blocked(g: GraphIndex, dq: onnx.NodeProto, reader: onnx.NodeProto) -> bool:
     values = g.array(dq.input[0])
     axis = _axis(dq)
     if reader.op_type != "MatMul" or reader.input[1] != dq.output[0] or values.ndim != 2 \
@@ -132,7 +132,7 @@ def _to_blocked(g: _Graph, dq: onnx.NodeProto, reader: onnx.NodeProto) -> bool:
 
 def narrow_weights(model: onnx.ModelProto) -> Changes:
     """Cast 2–4-bit weights read with quantized activations to int8; block weight-only MatMul weights."""
-    g, changes = _Graph(model), {}
+    g, changes = GraphIndex(model), {}
     for dq, reader in _weight_readers(g):
         narrow = _narrow_type(g, dq)
         if narrow is None:
@@ -153,7 +153,7 @@ def _axis_block(dq: onnx.NodeProto) -> int:
     return next(helper.get_attribute_value(a) for a in dq.attribute if a.name == "block_size")
 
 
-def _scale(g: _Graph, dq: onnx.NodeProto) -> np.ndarray:
+def _scale(g: GraphIndex, dq: onnx.NodeProto) -> np.ndarray:
     return g.array(dq.input[1]).astype(np.float32).reshape(-1)
 
 
@@ -163,7 +163,7 @@ def quantize_conv_biases(model: onnx.ModelProto, bias_values: dict[str, np.ndarr
     The float bias is the Conv's bias initializer, or ``bias_values[conv name]`` (a bias the exporter left as
     a computation, e.g. that of :class:`fxq.passes.runtime_prep.BiasQuantizer`).
     """
-    g, changes, bias_values = _Graph(model), {}, bias_values or {}
+    g, changes, bias_values = GraphIndex(model), {}, bias_values or {}
     for conv in [n for n in g.graph.node if n.op_type == "Conv" and len(n.input) > 2]:
         w_dq = g.weight_dq(conv.input[1])
         x_dq = g.producers.get(conv.input[0])

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fxq.backends.node_map import consumers
+from fxq.backends.runtime_rewrite import GraphIndex
 
 MAX_INPUT_CHANNELS = 4
 _INTEGER_TYPES = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4)
@@ -86,19 +86,16 @@ def _pad_nodes(x: str, prefix: str, s: int, pads: list[int], inits: list[TensorP
 
 def space_to_depth_convs(model: onnx.ModelProto) -> Changes:
     """Rewrite every eligible strided conv (see the module docstring) in place; {conv name: [change]}."""
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    users = consumers(graph)
+    g = GraphIndex(model)
     changes: Changes = {}
-    for conv in [n for n in graph.node if n.op_type == "Conv"]:
-        x_dq, w_dq = producers.get(conv.input[0]), producers.get(conv.input[1])
+    for conv in [n for n in g.graph.node if n.op_type == "Conv"]:
+        x_dq, w_dq = g.producers.get(conv.input[0]), g.producers.get(conv.input[1])
         if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
             continue
-        x_q = producers.get(x_dq.input[0])
-        w_init = _weight_initializer(w_dq, inits, producers, users)
+        x_q = g.producers.get(x_dq.input[0])
+        w_init = _weight_initializer(w_dq, g)
         if x_q is None or x_q.op_type != "QuantizeLinear" or w_init is None \
-                or len(users.get(w_dq.output[0], [])) != 1:
+                or len(g.users.get(w_dq.output[0], [])) != 1:
             continue
         w = numpy_helper.to_array(w_init)
         if w.ndim != 4 or w.shape[1] > MAX_INPUT_CHANNELS:
@@ -106,7 +103,7 @@ def space_to_depth_convs(model: onnx.ModelProto) -> Changes:
         stride = _stride(conv, (w.shape[2], w.shape[3]))
         if stride is None:
             continue
-        _rewrite(graph, conv, x_q, x_dq, w_init, w, stride)
+        _rewrite(g.graph, conv, x_q, x_dq, w_init, w, stride)
         new = _rearranged(w, stride).shape
         changes.setdefault(conv.name, []).append(
             f"{w.shape[2]}×{w.shape[3]}/{stride} conv on {w.shape[1]} channels run as space-to-depth({stride}) + "
@@ -114,18 +111,17 @@ def space_to_depth_convs(model: onnx.ModelProto) -> Changes:
     return changes
 
 
-def _weight_initializer(w_dq: onnx.NodeProto, inits: dict[str, TensorProto], producers: dict[str, onnx.NodeProto],
-                        users: dict[str, list[onnx.NodeProto]]) -> TensorProto | None:
+def _weight_initializer(w_dq: onnx.NodeProto, g: GraphIndex) -> TensorProto | None:
     """The integer initializer the weight DequantizeLinear reads (directly or through the int4→int8 Cast), when
     nothing else reads it; else None."""
     name = w_dq.input[0]
-    cast = producers.get(name)
+    cast = g.producers.get(name)
     if cast is not None and cast.op_type == "Cast":
-        if len(users.get(name, [])) != 1:
+        if len(g.users.get(name, [])) != 1:
             return None
         name = cast.input[0]
-    init = inits.get(name)
-    if init is None or init.data_type not in _INTEGER_TYPES or len(users.get(name, [])) != 1:
+    init = g.inits.get(name)
+    if init is None or init.data_type not in _INTEGER_TYPES or len(g.users.get(name, [])) != 1:
         return None
     return init
 
