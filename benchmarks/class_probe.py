@@ -17,6 +17,7 @@ import torch
 from common import loader
 
 import fxq
+from fxq.models import read_state_dict
 from fxq.models.transfer import copy_backbone
 from fxq.objectives import HungarianMatcher
 
@@ -77,8 +78,7 @@ def main() -> None:
     if args.backbone_only:
         copy_backbone(model, args.weights)
     else:
-        state = torch.load(args.weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("model", state) if isinstance(state.get("model"), dict) else state)
+        model.load_state_dict(read_state_dict(args.weights))
     model.eval()
     x, y = centre_features(model, args.probe_images)
     result = {"model": args.model, "weights": args.weights, "backbone_only": args.backbone_only,
