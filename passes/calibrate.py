@@ -15,6 +15,7 @@ import torch
 import torch.fx
 from tqdm import tqdm
 
+from fxq.device import module_device
 from fxq.errors import InputError
 from fxq.passes.insert_quant import quantizers
 from fxq.passes.pass_manager import PassResult
@@ -22,20 +23,13 @@ from fxq.passes.pass_manager import PassResult
 
 def graph_inputs(gm: torch.fx.GraphModule, batch: Any) -> tuple[torch.Tensor, ...]:
     """The positional inputs ``gm`` takes from a loader batch: (images,) or (images, mask), on ``gm``'s device."""
-    device = _device(gm)
+    device = module_device(gm)
     if isinstance(batch, torch.Tensor):
         return (batch.to(device),)
     images, mask = batch[0], batch[1] if len(batch) > 1 else None
     if getattr(gm, "takes_mask", False):
         return images.to(device), None if mask is None else mask.to(device)
     return (images.to(device),)
-
-
-def _device(gm: torch.nn.Module) -> torch.device:
-    tensor = next(gm.parameters(), None)
-    if tensor is None:
-        tensor = next(gm.buffers(), None)
-    return torch.device("cpu") if tensor is None else tensor.device
 
 
 def _set_weight_modes(gm: torch.fx.GraphModule, observing: bool) -> None:

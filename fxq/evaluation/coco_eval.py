@@ -23,6 +23,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from fxq.data.coco import load_coco
+from fxq.device import module_device
 from fxq.errors import InputError
 from fxq.evaluation.postprocess import HEADS, postprocess, to_coco_results
 
@@ -82,8 +83,7 @@ def evaluate_model(
 
 
 def _predict(model: torch.nn.Module, loader: Iterable, head: str, progress: bool, top_k: int):
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    device = module_device(model)
     was_training = model.training
     model.eval()
     detections: list[dict] = []
