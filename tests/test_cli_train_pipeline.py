@@ -36,3 +36,10 @@ def test_pipeline_reports_float_and_quantized_rows(tmp_path, capsys):
 def test_pipeline_rejects_bad_policy_before_work(tmp_path, capsys):
     assert main(["pipeline", "--out", str(tmp_path / "p"), "--policy", "W9A8"]) == 2
     assert "W9A8" in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
+def test_train_rejects_a_missing_backbone_source_before_reading_data(tmp_path, capsys):
+    args = ["train", "detr_tiny", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"),
+            "--backbone-from", str(tmp_path / "missing.pt")]
+    assert main(args) == 2
+    assert "missing.pt" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _datasets(args: argparse.Namespace):
+def datasets(args: argparse.Namespace):
+    """The train split (augmented as ``--augment``) and the val split of ``--data`` at ``--size``."""
     from fxq.data import CocoDetection, Compose, Normalize, RandomHorizontalFlip, Resize, eval_transforms
     from fxq.data import train_transforms as detr_transforms
 
@@ -63,14 +64,16 @@ def run(args: argparse.Namespace) -> int:
     from fxq.evaluation import evaluate_model
     from fxq.io import write_atomic, write_json
     from fxq.models import build, config_of
-    from fxq.models.transfer import copy_backbone
+    from fxq.models.transfer import copy_backbone, source_state
     from fxq.objectives import build_criterion
     from fxq.train import TrainConfig, train
 
     config_of(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_set, val_set = _datasets(args)
+    if args.backbone_from:
+        source_state(args.backbone_from)  # a wrong source fails before the datasets are read
+    train_set, val_set = datasets(args)
     model = build(args.model, checkpoint=args.init, num_classes=train_set.num_classes).train()
     if args.backbone_from:
         copy_backbone(model, args.backbone_from)
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                       stop_after=args.stop_after, progress=not args.no_progress)
     write_json(f"{args.out}/config.json", {"argv": {k: v for k, v in vars(args).items() if k != "func"}})
     result = train(model, criterion, train_set, cfg, args.out, resume=args.resume, collate_fn=collate)
-    if result.step < cfg.epochs * (len(train_set) // cfg.batch_size) or not _is_main():
+    if result.step < cfg.epochs * (len(train_set) // cfg.batch_size) or not is_main():
         return 0
     model.eval()
     write_atomic(f"{args.out}/model.pt", lambda f: torch.save(model.state_dict(), f), mode="wb")
@@ -96,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_main() -> bool:
+def is_main() -> bool:
+    """Whether this is rank 0 (or not under torchrun)."""
     import os
 
     return int(os.environ.get("RANK", "0")) == 0

@@ -13,9 +13,11 @@ def embedded_weights(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def publish(run_dir: str | Path, name: str) -> Path:
+def publish(run_dir: str | Path, name: str, target: str | Path | None = None) -> Path:
     """Copy a finished ``fxq train`` run's weights into fxq/weights/<name>.pt (float16) with <name>.json
-    (the training command, its final metrics and a summary of its log)."""
+    (the training command, its final metrics and a summary of its log; with the ``fxq pretrain`` command and
+    seconds of its backbone when ``--backbone-from`` named a pretraining run's backbone.pt). ``target``: another
+    folder than fxq's own weights."""
     import json
 
     import torch
@@ -25,24 +27,40 @@ def publish(run_dir: str | Path, name: str) -> Path:
     run = Path(run_dir)
     state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    target = Path(str(resources.files("fxq") / "weights"))
+    target = Path(str(resources.files("fxq") / "weights")) if target is None else Path(target)
     write_atomic(target / f"{name}.pt", lambda f: torch.save(half, f), mode="wb")
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     curve = [{"step": r["step"], "loss": round(r["loss"], 3)} for r in log[:: max(1, len(log) // 20)]]
     argv = json.loads((run / "config.json").read_text())["argv"]
-    write_json(target / f"{name}.json", {
+    record = {
         "data_command": f"fxq data synth --out {argv['data']} --seed 0 --train 4000 --val 500 --size 160",
-        "command": _command(argv), "seed": argv["seed"], "steps": log[-1]["step"],
+        "command": _command("train", argv), "seed": argv["seed"], "steps": log[-1]["step"],
         "train_seconds": round(log[-1]["time"]), "eval_full_precision": json.loads((run / "eval.json").read_text()),
-        "loss_curve": curve, "storage": "float16 state_dict, loaded into float32 models"})
+        "loss_curve": curve, "storage": "float16 state_dict, loaded into float32 models"}
+    write_json(target / f"{name}.json", {**record, **_backbone_record(argv.get("backbone_from"), record)})
     return target / f"{name}.pt"
 
 
-def _command(argv: dict) -> str:
+def _backbone_record(source: str | None, record: dict) -> dict:
+    """For a backbone from an ``fxq pretrain`` run: its command, its seconds and the total with this run."""
+    import json
+
+    config = Path(source).parent / "config.json" if source else None
+    if config is None or not config.is_file():
+        return {}
+    log = (config.parent / "log.jsonl").read_text().splitlines()
+    seconds = round(json.loads(log[-1])["time"])
+    return {"backbone_command": _command("pretrain", json.loads(config.read_text())["argv"]),
+            "backbone_seconds": seconds, "total_seconds": seconds + record["train_seconds"]}
+
+
+def _command(command: str, argv: dict) -> str:
+    """The command line that reproduces a run (without the flags that only decide how it was run in slices)."""
+    skip = ("model", "command", "resume", "stop_after")
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in argv.items()
-                     if k not in ("model", "command") and v is not None and not isinstance(v, bool))
-    switches = " ".join(f"--{k.replace('_', '-')}" for k, v in argv.items() if v is True)
-    return f"fxq train {argv['model']} {flags} {switches}".strip()
+                     if k not in skip and v is not None and not isinstance(v, bool))
+    switches = " ".join(f"--{k.replace('_', '-')}" for k, v in argv.items() if v is True and k not in skip)
+    return f"fxq {command} {argv['model']} {flags} {switches}".strip()
 
 
 if __name__ == "__main__":

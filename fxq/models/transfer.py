@@ -15,7 +15,9 @@ from fxq.models.zoo import CONFIGS
 BACKBONE_PREFIX = "backbone.0."
 
 
-def _source_state(source: str | os.PathLike) -> dict[str, torch.Tensor]:
+def source_state(source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state_dict behind ``source``: a zoo name's embedded weights or a checkpoint file (InputError when
+    neither)."""
     if isinstance(source, str) and source in CONFIGS:
         path = embedded_weights(source)
         if path is None:
@@ -30,7 +32,7 @@ def copy_backbone(model: nn.Module, source: str | os.PathLike) -> int:
     checkpoint file); returns how many were copied. InputError, before anything is changed, when the source
     lacks one of them or has another shape (a different backbone)."""
     own = {k: v for k, v in model.state_dict().items() if k.startswith(BACKBONE_PREFIX)}
-    state = _source_state(source)
+    state = source_state(source)
     missing = [k for k in own if k not in state]
     if missing:
         raise InputError(f"{source!s} has no {missing[0]!r} ({len(missing)} of the {len(own)} backbone tensors "

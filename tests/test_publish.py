@@ -1,0 +1,40 @@
+"""Publishing a run as embedded weights: float16 tensors and a record whose command reproduces the run."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from fxq.cli import build_parser
+from fxq.models.embedded import publish
+
+
+def _run(folder, argv: dict, seconds: float, extra: str | None = None) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"argv": argv}))
+    rows = [{"step": s, "loss": 10.0 / s, "time": seconds * s / 4} for s in range(1, 5)]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if extra:
+        (folder / extra).write_text("{}")
+
+
+def test_record_names_the_training_and_pretraining_commands(tmp_path):
+    pre, run, out = tmp_path / "pre", tmp_path / "run", tmp_path / "weights"
+    pre_argv = vars(build_parser().parse_args(["pretrain", "detr_tiny", "--data", "d", "--out", str(pre)]))
+    _run(pre, {k: v for k, v in pre_argv.items() if k != "func"}, 200.0)
+    argv = vars(build_parser().parse_args(["train", "detr_tiny", "--data", "d", "--out", str(run), "--epochs", "3",
+                                           "--backbone-from", str(pre / "backbone.pt"), "--resume",
+                                           "--stop-after", "7", "--no-progress"]))
+    _run(run, {k: v for k, v in argv.items() if k != "func"}, 1000.0, extra="eval.json")
+    torch.save({"w": torch.ones(2, dtype=torch.float32), "n": torch.tensor(3)}, run / "model.pt")
+    path = publish(run, "m", target=out)
+    state = torch.load(path, weights_only=True)
+    assert state["w"].dtype == torch.float16 and state["n"].dtype == torch.int64
+    record = json.loads((out / "m.json").read_text())
+    reparsed = vars(build_parser().parse_args(record["command"].split()[1:]))
+    assert {k: reparsed[k] for k in argv if k not in ("func", "resume", "stop_after")} == {
+        k: argv[k] for k in argv if k not in ("func", "resume", "stop_after")}
+    assert not reparsed["resume"] and reparsed["stop_after"] is None
+    assert record["backbone_command"].split()[:3] == ["fxq", "pretrain", "detr_tiny"]
+    assert (record["backbone_seconds"], record["train_seconds"], record["total_seconds"]) == (200, 1000, 1200)
