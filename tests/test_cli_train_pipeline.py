@@ -43,3 +43,18 @@ def test_train_rejects_a_missing_backbone_source_before_reading_data(tmp_path, c
             "--backbone-from", str(tmp_path / "missing.pt")]
     assert main(args) == 2
     assert "missing.pt" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_the_same_train_command_gives_the_same_weights_and_the_seed_changes_them(tmp_path):
+    from fxq.models import read_state_dict
+
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--seed", "3", "--train", "8", "--val", "4", "--size", "64"]) == 0
+    states = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        args = ["train", "detr_tiny", "--data", str(data), "--out", str(tmp_path / name), "--batch-size", "4",
+                "--size", "64", "--stop-after", "1", "--seed", seed, "--no-progress"]
+        assert main(args) == 0
+        states.append(read_state_dict(tmp_path / name / "checkpoint.pt"))
+    assert states[0].keys() == states[1].keys() and all(torch.equal(v, states[1][k]) for k, v in states[0].items())
+    assert any(not torch.equal(v, states[2][k]) for k, v in states[0].items() if k.startswith("transformer."))

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weight of the classification loss (default: 1 softmax head, 2 sigmoid head, as DETR / "
                    "Deformable DETR)")
     p.add_argument("--one-to-many", type=int, default=1, help="repeat every ground-truth box k times in matching")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the data order and augmentation")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.backbone_from:
         source_state(args.backbone_from)  # a wrong source fails before the datasets are read
     train_set, val_set = datasets(args)
+    torch.manual_seed(args.seed)  # the initial weights, so that the same command gives the same run
     model = build(args.model, checkpoint=args.init, num_classes=train_set.num_classes).train()
     if args.backbone_from:
         copy_backbone(model, args.backbone_from)
