@@ -92,3 +92,13 @@ def test_missing_file_and_unknown_model():
         build("detr_tiny", checkpoint="/nonexistent/x.pth")
     with pytest.raises(fxq.InputError, match=r"unknown model 'detr_r05'.*Did you mean detr_r50.*detr_tiny"):
         build("detr_r05")
+
+
+def test_seeded_random_weights_are_the_same_on_every_call_and_follow_the_seed():
+    torch.manual_seed(123)
+    a = build("detr_tiny", pretrained=False, seed=5).state_dict()
+    torch.manual_seed(456)
+    b = build("detr_tiny", pretrained=False, seed=5).state_dict()
+    c = build("detr_tiny", pretrained=False, seed=6).state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert any(not torch.equal(v, c[k]) for k, v in a.items())

@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Allocate weight bit-widths to MODEL's conv/linear nodes by Fisher sensitivity "
                                    "under a budget (MILP), print the table, save the analysis.")
     p.add_argument("model", help="model name, e.g. detr_tiny")
-    p.add_argument("--checkpoint", help="weights to load")
+    p.add_argument("--checkpoint", help="weights to load (default: the embedded "
+                   "weights, else random weights drawn with seed 0)")
     p.add_argument("--data", help="COCO folder with ground truth for the Fisher analysis")
     p.add_argument("--split", help="split of --data (default: val2017, val or the only one)")
     p.add_argument("--analysis", help="load Fisher traces from this saved analysis instead of computing them")
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.size < 32:
         raise InputError(f"--size {args.size} is too small: DETR backbones downsample by 32, use at least 32")
-    gm = float_graph(build(args.model, checkpoint=args.checkpoint), (args.size, args.size))
+    gm = float_graph(build(args.model, checkpoint=args.checkpoint, seed=0), (args.size, args.size))
     annotate_policy(gm, args.policy)
     _analyse(gm, args)
     ties = attention_groups(gm) if args.tie_qkv else None

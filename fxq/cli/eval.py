@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     preds = parser.add_mutually_exclusive_group(required=True)
     preds.add_argument("--predictions", help="COCO results JSON to score")
     preds.add_argument("--model", help="model name for fxq.models.build, run over the images")
-    parser.add_argument("--checkpoint", help="checkpoint for --model")
+    parser.add_argument("--checkpoint", help="checkpoint for --model (default: the embedded "
+                        "weights, else random weights drawn with seed 0)")
     parser.add_argument(
         "--critical", nargs="+", metavar="NAME", help="critical categories: names, ids or supercategories"
     )
@@ -105,7 +106,7 @@ def _evaluate_model(
     except ImportError as exc:
         raise InputError(f"fxq.models.build is not available ({exc}): use --predictions instead") from exc
     dataset = CocoDetection(image_dir, ann_file, transforms=eval_transforms(args.size, args.max_size))
-    model = build(args.model, args.checkpoint)
+    model = build(args.model, checkpoint=args.checkpoint, seed=0)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=False, collate_fn=collate
     )

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="W8A8", help='precision policy, e.g. "W8A8", "W4A8", "4-4-8" (default W8A8)')
     p.add_argument("--calib", required=True, help="COCO folder whose images calibrate the activations")
     p.add_argument("--out", required=True, help="ONNX file to write")
-    p.add_argument("--checkpoint", help="weights to load (official {'model': ...} file or plain state_dict)")
+    p.add_argument("--checkpoint", help="weights to load (official {'model': ...} file or plain state_dict; default: "
+                   "the embedded weights, else random weights drawn with seed 0)")
     p.add_argument("--size", nargs=2, type=int, default=(512, 512), metavar=("H", "W"),
                    help="example input size; calibration images are resized to fit it (default 512 512)")
     p.add_argument("--calib-batches", type=int, help="calibrate on this many batches (default: all images)")
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     data = CocoDetection.from_folder(args.calib, transforms=eval_transforms(min(h, w), max(h, w)))
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, collate_fn=collate)
     example = torch.zeros(1, 3, h, w)
-    gm = float_graph(build(args.model, checkpoint=args.checkpoint), (h, w))
+    gm = float_graph(build(args.model, checkpoint=args.checkpoint, seed=0), (h, w))
     annotate_policy(gm, args.policy)
     insert_quantizers(gm)
     if args.runtime:

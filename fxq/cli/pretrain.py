@@ -53,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     train_set, val_set = datasets(args)
-    torch.manual_seed(args.seed)
-    detector = build(args.model, pretrained=False, num_classes=train_set.num_classes)
+    detector = build(args.model, pretrained=False, seed=args.seed, num_classes=train_set.num_classes)
     model = DenseClassifier(detector.backbone[0].body, train_set.num_classes).train()
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_backbone=args.lr,
                       weight_decay=args.weight_decay, clip_max_norm=0.0, schedule="cosine",

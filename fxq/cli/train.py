@@ -74,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.backbone_from:
         source_state(args.backbone_from)  # a wrong source fails before the datasets are read
     train_set, val_set = datasets(args)
-    torch.manual_seed(args.seed)  # the initial weights, so that the same command gives the same run
-    model = build(args.model, checkpoint=args.init, num_classes=train_set.num_classes).train()
+    model = build(args.model, checkpoint=args.init, seed=args.seed, num_classes=train_set.num_classes).train()
     if args.backbone_from:
         copy_backbone(model, args.backbone_from)
     weights = {} if args.cls_loss_coef is None else {"loss_ce": args.cls_loss_coef}

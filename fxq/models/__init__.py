@@ -15,17 +15,23 @@ __all__ = ["CONFIGS", "build", "embedded_weights", "model_names", "read_state_di
 
 
 def build(name: str, checkpoint: str | os.PathLike | None = None, strict: bool = True, pretrained: bool = True,
-          **overrides: Any) -> nn.Module:
+          seed: int | None = None, **overrides: Any) -> nn.Module:
     """The named model in eval mode, loaded from ``checkpoint``, else from fxq's embedded weights (the tiny
     models fxq trains itself, when ``pretrained`` and no configuration override is given), else random.
 
     ``checkpoint`` may be an official release file (``{"model": state_dict}``) or a plain state_dict; loading
-    is strict by default. Keyword overrides change the configuration (e.g. ``num_classes=21``).
+    is strict by default. Keyword overrides change the configuration (e.g. ``num_classes=21``). ``seed``
+    seeds torch's global generator before the weights are drawn, so random weights are the same on every call
+    (without it they come from the global generator as it stands).
     """
     config_of(name)
     if checkpoint is None and pretrained and not overrides:
         checkpoint = embedded_weights(name)
     state = None if checkpoint is None else read_state_dict(checkpoint)
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
     model = construct(name, **overrides)
     if state is not None:
         if strict:
