@@ -1,10 +1,11 @@
-"""``fxq pretrain MODEL --data DIR --out RUN``: pretrain a detector's ResNet backbone by classifying objects.
+"""``fxq pretrain MODEL --data DIR --out RUN``: pretrain a detector's ResNet backbone on the boxes, CenterNet-like.
 
 The role ImageNet weights play for DETR: a from-scratch DETR on the synthetic set learns boxes but hardly
-classes. A :class:`~fxq.models.dense_classifier.DenseClassifier` (MODEL's ResNet body and a 1×1 class head)
-learns to name every training object from the logits at its box centre, on whole training images at the
-detector's input size. Writes ``RUN/backbone.pt`` (the body under the detector's names; pass it to
-``fxq train MODEL --backbone-from RUN/backbone.pt``), ``RUN/eval.json`` (centre accuracy on the val split),
+classes. A :class:`~fxq.models.centre_pretrainer.CentrePretrainer` (MODEL's ResNet body with 1×1 heads) learns
+to name every training object from the logits at its box centre, to mark object centres and to read the box size
+there (:func:`fxq.objectives.centre.centre_loss`), on whole training images at the detector's input size.
+Writes ``RUN/backbone.pt`` (the body under the detector's names; pass it to ``fxq train MODEL --backbone-from
+RUN/backbone.pt``), ``RUN/eval.json`` (centre accuracy on the val split),
 and the trainer's ``checkpoint.pt`` / ``log.jsonl`` / ``config.json``.
 """
 
@@ -14,9 +15,9 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a detector's backbone by classifying objects at their centres",
+    p = sub.add_parser("pretrain", help="pretrain a detector's backbone on object classes, centres and sizes",
                        description="Pretrain MODEL's ResNet body on DATA's train split (object classification at "
-                       "box centres); evaluate on its val split.")
+                       "centres, with their sizes); evaluate on its val split.")
     p.add_argument("model", help="model name, e.g. detr_tiny")
     p.add_argument("--data", required=True, help="COCO folder (e.g. written by `fxq data synth`)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log, backbone.pt)")
@@ -45,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from fxq.data import collate
     from fxq.io import write_atomic, write_json
     from fxq.models import build, config_of
-    from fxq.models.dense_classifier import DenseClassifier
-    from fxq.objectives.centre_class import centre_class_loss
+    from fxq.models.centre_pretrainer import CentrePretrainer
+    from fxq.objectives.centre import centre_loss
     from fxq.train import TrainConfig, train
 
     config_of(args.model)
@@ -54,13 +55,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     train_set, val_set = datasets(args)
     detector = build(args.model, pretrained=False, seed=args.seed, num_classes=train_set.num_classes)
-    model = DenseClassifier(detector.backbone[0].body, train_set.num_classes).train()
+    model = CentrePretrainer(detector.backbone[0].body, train_set.num_classes).train()
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_backbone=args.lr,
                       weight_decay=args.weight_decay, clip_max_norm=0.0, schedule="cosine",
                       warmup_steps=args.warmup, seed=args.seed, ckpt_every=args.ckpt_every,
                       stop_after=args.stop_after, progress=not args.no_progress)
     write_json(f"{args.out}/config.json", {"argv": {k: v for k, v in vars(args).items() if k != "func"}})
-    result = train(model, centre_class_loss, train_set, cfg, args.out, resume=args.resume, collate_fn=collate)
+    result = train(model, centre_loss, train_set, cfg, args.out, resume=args.resume, collate_fn=collate)
     if result.step < cfg.epochs * (len(train_set) // cfg.batch_size) or not is_main():
         return 0
     model.eval()
@@ -76,12 +77,12 @@ def centre_accuracy(model, dataset, batch_size: int = 16) -> tuple[float, int]:
     import torch
 
     from fxq.data import collate
-    from fxq.objectives.centre_class import centre_logits
+    from fxq.objectives.centre import centre_values
 
     hits = total = 0
     with torch.no_grad():
         for images, mask, targets in torch.utils.data.DataLoader(dataset, batch_size=batch_size,
                                                                  collate_fn=collate):
-            logits, labels = centre_logits(model(images, mask), targets)
+            logits, labels = centre_values(model(images, mask)["class_map"], targets)
             hits, total = hits + int((logits.argmax(1) == labels).sum()), total + len(labels)
     return hits / max(1, total), total
