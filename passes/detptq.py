@@ -88,18 +88,19 @@ class _Odol:
 
 
 def detptq(gm: torch.fx.GraphModule, loader: Iterable, reference: torch.nn.Module,
-           candidates: Sequence[float] = DEFAULT_CANDIDATES, num_batches: int = 2,
+           candidates: Sequence[float] = DEFAULT_CANDIDATES, num_batches: int | None = None,
            score_threshold: float | None = None, num_clip_ratios: int = 100, progress: bool = True) -> PassResult:
     """Calibrate ``gm``'s quantizers with DetPTQ (module docstring); ``reference`` is the float graph/model.
     ``num_clip_ratios`` clipping ratios in (0, 1] are searched per quantizer and p; ``score_threshold``
-    (default :data:`PSEUDO_TARGET_THRESHOLD` of the head) selects the float detections used as pseudo-targets."""
+    (default :data:`PSEUDO_TARGET_THRESHOLD` of the head) selects the float detections used as pseudo-targets;
+    ODOL is measured on the first ``num_batches`` batches of ``loader`` (default: all of them)."""
     qs = {n.name: gm.get_submodule(n.target) for n in gm.graph.nodes if n.meta.get("fxq.role") == "quantize"}
     bad = [name for name, q in qs.items() if not isinstance(q.observer, ClipSearchObserver)]
     if not qs or bad:
         raise InputError(f"DetPTQ needs Lp-searching observers on every quantizer ({bad[:3] or 'no quantizers'}); "
                          'annotate with a_observer="lp:2", w_observer="lp:2" and run insert_quantizers first')
     observe(gm, loader, None, progress)
-    batches = [b for _, b in zip(range(num_batches), loader, strict=False)]
+    batches = [b for i, b in enumerate(loader) if num_batches is None or i < num_batches]
     table = {name: {p: _lp_qparams(q, p, num_clip_ratios) for p in candidates} for name, q in qs.items()}
     threshold = PSEUDO_TARGET_THRESHOLD[gm.head] if score_threshold is None else score_threshold
     odol = _Odol(gm, reference, batches, threshold)
