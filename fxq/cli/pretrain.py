@@ -15,16 +15,12 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from fxq.cli.train import add_data_arguments
+
     p = sub.add_parser("pretrain", help="pretrain a detector's backbone on object classes, centres and sizes",
                        description="Pretrain MODEL's ResNet body on DATA's train split (object classification at "
                        "centres, with their sizes); evaluate on its val split.")
-    p.add_argument("model", help="model name, e.g. detr_tiny")
-    p.add_argument("--data", required=True, help="COCO folder (e.g. written by `fxq data synth`)")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, log, backbone.pt)")
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--val-split", default="val")
-    p.add_argument("--size", type=int, default=160, help="image size (shorter side), as the detector will see")
-    p.add_argument("--augment", choices=("flip", "detr"), default="flip")
+    add_data_arguments(p, "backbone.pt")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -42,13 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from fxq.cli.train import datasets, is_main
-    from fxq.data import collate
+    from fxq.cli.train import datasets, train_run
     from fxq.io import write_atomic, write_json
     from fxq.models import build, config_of
     from fxq.models.centre_pretrainer import CentrePretrainer
     from fxq.objectives.centre import centre_loss
-    from fxq.train import TrainConfig, train
+    from fxq.train import TrainConfig
 
     config_of(args.model)
     if args.threads:
@@ -60,9 +55,7 @@ def run(args: argparse.Namespace) -> int:
                       weight_decay=args.weight_decay, clip_max_norm=0.0, schedule="cosine",
                       warmup_steps=args.warmup, seed=args.seed, ckpt_every=args.ckpt_every,
                       stop_after=args.stop_after, progress=not args.no_progress)
-    write_json(f"{args.out}/config.json", {"argv": {k: v for k, v in vars(args).items() if k != "func"}})
-    result = train(model, centre_loss, train_set, cfg, args.out, resume=args.resume, collate_fn=collate)
-    if result.step < cfg.epochs * (len(train_set) // cfg.batch_size) or not is_main():
+    if not train_run(model, centre_loss, train_set, cfg, args):
         return 0
     model.eval()
     write_atomic(f"{args.out}/backbone.pt", lambda f: torch.save(model.backbone_state(), f), mode="wb")

@@ -13,14 +13,7 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a detector on a COCO-format folder",
                        description="Train MODEL on DATA's train split; evaluate on its val split at the end.")
-    p.add_argument("model", help="model name, e.g. detr_tiny")
-    p.add_argument("--data", required=True, help="COCO folder (e.g. written by `fxq data synth`)")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, log, final weights)")
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--val-split", default="val")
-    p.add_argument("--size", type=int, default=160, help="training/eval image size (shorter side)")
-    p.add_argument("--augment", choices=("flip", "detr"), default="flip",
-                   help="flip: horizontal flips only; detr: DETR's multi-scale resize and crop")
+    add_data_arguments(p, "final weights")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -45,6 +38,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def add_data_arguments(p: argparse.ArgumentParser, outputs: str) -> None:
+    """MODEL, --data, --out (a run folder holding checkpoints, log and ``outputs``) and what :func:`datasets`
+    reads: --train-split, --val-split, --size, --augment."""
+    p.add_argument("model", help="model name, e.g. detr_tiny")
+    p.add_argument("--data", required=True, help="COCO folder (e.g. written by `fxq data synth`)")
+    p.add_argument("--out", required=True, help=f"run folder (checkpoints, log, {outputs})")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--size", type=int, default=160, help="training/eval image size (shorter side)")
+    p.add_argument("--augment", choices=("flip", "detr"), default="flip",
+                   help="flip: horizontal flips only; detr: DETR's multi-scale resize and crop")
+
+
 def datasets(args: argparse.Namespace):
     """The train split (augmented as ``--augment``) and the val split of ``--data`` at ``--size``."""
     from fxq.data import CocoDetection, Compose, Normalize, RandomHorizontalFlip, Resize, eval_transforms
@@ -66,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from fxq.models import build, config_of
     from fxq.models.transfer import copy_backbone, source_state
     from fxq.objectives import build_criterion
-    from fxq.train import TrainConfig, train
+    from fxq.train import TrainConfig
 
     config_of(args.model)
     if args.threads:
@@ -84,9 +90,7 @@ def run(args: argparse.Namespace) -> int:
                       weight_decay=args.weight_decay, clip_max_norm=args.clip, schedule=args.schedule,
                       warmup_steps=args.warmup, seed=args.seed, ckpt_every=args.ckpt_every,
                       stop_after=args.stop_after, progress=not args.no_progress)
-    write_json(f"{args.out}/config.json", {"argv": {k: v for k, v in vars(args).items() if k != "func"}})
-    result = train(model, criterion, train_set, cfg, args.out, resume=args.resume, collate_fn=collate)
-    if result.step < cfg.epochs * (len(train_set) // cfg.batch_size) or not is_main():
+    if not train_run(model, criterion, train_set, cfg, args):
         return 0
     model.eval()
     write_atomic(f"{args.out}/model.pt", lambda f: torch.save(model.state_dict(), f), mode="wb")
@@ -97,6 +101,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model}: AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  "
           f"(split {args.val_split!r}, {metrics['num_images']} images)")
     return 0
+
+
+def train_run(model, criterion, train_set, cfg, args: argparse.Namespace) -> bool:
+    """Write ``RUN/config.json`` and train (resuming with ``--resume``); True when the run is complete and this
+    process is rank 0, i.e. when the caller should write the final weights and evaluate."""
+    from fxq.data import collate
+    from fxq.io import write_json
+    from fxq.train import train
+
+    write_json(f"{args.out}/config.json", {"argv": {k: v for k, v in vars(args).items() if k != "func"}})
+    result = train(model, criterion, train_set, cfg, args.out, resume=args.resume, collate_fn=collate)
+    return result.step >= cfg.epochs * (len(train_set) // cfg.batch_size) and is_main()
 
 
 def is_main() -> bool:
