@@ -38,3 +38,18 @@ def test_record_names_the_training_and_pretraining_commands(tmp_path):
     assert not reparsed["resume"] and reparsed["stop_after"] is None
     assert record["backbone_command"].split()[:3] == ["fxq", "pretrain", "detr_tiny"]
     assert (record["backbone_seconds"], record["train_seconds"], record["total_seconds"]) == (200, 1000, 1200)
+
+
+def test_a_backbone_from_embedded_weights_is_recorded_with_their_command(tmp_path):
+    import fxq.models.embedded as embedded
+
+    run, out = tmp_path / "run", tmp_path / "weights"
+    argv = vars(build_parser().parse_args(["train", "detr_tiny", "--data", "d", "--out", str(run),
+                                           "--backbone-from", "deformable_detr_tiny"]))
+    _run(run, {k: v for k, v in argv.items() if k != "func"}, 100.0, extra="eval.json")
+    torch.save({"w": torch.ones(2)}, run / "model.pt")
+    publish(run, "m", target=out)
+    record = json.loads((out / "m.json").read_text())
+    made = json.loads(embedded.embedded_weights("deformable_detr_tiny").with_suffix(".json").read_text())
+    assert record["backbone_command"] == made["command"]
+    assert record["total_seconds"] == made["train_seconds"] + 100

@@ -15,9 +15,9 @@ def embedded_weights(name: str) -> Path | None:
 
 def publish(run_dir: str | Path, name: str, target: str | Path | None = None) -> Path:
     """Copy a finished ``fxq train`` run's weights into fxq/weights/<name>.pt (float16) with <name>.json
-    (the training command, its final metrics and a summary of its log; with the ``fxq pretrain`` command and
-    seconds of its backbone when ``--backbone-from`` named a pretraining run's backbone.pt). ``target``: another
-    folder than fxq's own weights."""
+    (the training command, its final metrics and a summary of its log; with the command and seconds that made
+    its backbone when ``--backbone-from`` named one on record). ``target``: another folder than fxq's own
+    weights."""
     import json
 
     import torch
@@ -42,16 +42,24 @@ def publish(run_dir: str | Path, name: str, target: str | Path | None = None) ->
 
 
 def _backbone_record(source: str | None, record: dict) -> dict:
-    """For a backbone from an ``fxq pretrain`` run: its command, its seconds and the total with this run."""
+    """Where ``--backbone-from`` came from (fxq's embedded weights of a model, or a run folder's file): the
+    command that trained it, its seconds and the total with this run; empty when that is not on record."""
     import json
 
-    config = Path(source).parent / "config.json" if source else None
-    if config is None or not config.is_file():
+    if not source:
         return {}
-    log = (config.parent / "log.jsonl").read_text().splitlines()
-    seconds = round(json.loads(log[-1])["time"])
-    return {"backbone_command": _command("pretrain", json.loads(config.read_text())["argv"]),
-            "backbone_seconds": seconds, "total_seconds": seconds + record["train_seconds"]}
+    if embedded_weights(source) is not None:
+        made = json.loads(embedded_weights(source).with_suffix(".json").read_text())
+        command, seconds = made["command"], made["train_seconds"]
+    else:
+        config = Path(source).parent / "config.json"
+        if not config.is_file():
+            return {}
+        argv = json.loads(config.read_text())["argv"]
+        log = (config.parent / "log.jsonl").read_text().splitlines()
+        command, seconds = _command(argv["command"], argv), round(json.loads(log[-1])["time"])
+    return {"backbone_from": source, "backbone_command": command, "backbone_seconds": seconds,
+            "total_seconds": seconds + record["train_seconds"]}
 
 
 def _command(command: str, argv: dict) -> str:
