@@ -40,7 +40,7 @@ def centre_values(value_map: torch.Tensor, targets: list[dict]) -> tuple[torch.T
 def centre_heatmap(targets: list[dict], shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """[B, h, w] with 1 in every cell that holds a box centre."""
     h, w = shape
-    heat = torch.zeros(len(targets), h, w, dtype=dtype)
+    heat = torch.zeros(len(targets), h, w, dtype=dtype, device=targets[0]["boxes"].device)
     for b, xy in enumerate(_centres(targets, dtype)):
         cols = (xy[:, 0] * w).long().clamp(0, w - 1)
         rows = (xy[:, 1] * h).long().clamp(0, h - 1)
