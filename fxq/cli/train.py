@@ -77,12 +77,12 @@ def run(args: argparse.Namespace) -> int:
     config_of(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.backbone_from:
-        source_state(args.backbone_from)  # a wrong source fails before the datasets are read
+    # a wrong backbone source fails before the datasets are read
+    backbone = source_state(args.backbone_from) if args.backbone_from else None
     train_set, val_set = datasets(args)
     model = build(args.model, checkpoint=args.init, seed=args.seed, num_classes=train_set.num_classes).train()
     if args.backbone_from:
-        copy_backbone(model, args.backbone_from)
+        copy_backbone(model, args.backbone_from, backbone)
     weights = {} if args.cls_loss_coef is None else {"loss_ce": args.cls_loss_coef}
     criterion = build_criterion(model.head, one_to_many=args.one_to_many, weights=weights)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

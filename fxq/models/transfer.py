@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -27,12 +28,14 @@ def source_state(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     return read_state_dict(source)
 
 
-def copy_backbone(model: nn.Module, source: str | os.PathLike) -> int:
+def copy_backbone(model: nn.Module, source: str | os.PathLike,
+                  state: Mapping[str, torch.Tensor] | None = None) -> int:
     """Load every ``backbone.0.*`` tensor of ``model`` from ``source`` (a zoo name with embedded weights, or a
-    checkpoint file); returns how many were copied. InputError, before anything is changed, when the source
-    lacks one of them or has another shape (a different backbone)."""
+    checkpoint file; ``state``: its :func:`source_state` when already read); returns how many were copied.
+    InputError, before anything is changed, when the source lacks one of them or has another shape (a different
+    backbone)."""
     own = {k: v for k, v in model.state_dict().items() if k.startswith(BACKBONE_PREFIX)}
-    state = source_state(source)
+    state = source_state(source) if state is None else state
     missing = [k for k in own if k not in state]
     if missing:
         raise InputError(f"{source!s} has no {missing[0]!r} ({len(missing)} of the {len(own)} backbone tensors "
