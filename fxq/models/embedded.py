@@ -48,8 +48,9 @@ def _backbone_record(source: str | None, record: dict) -> dict:
 
     if not source:
         return {}
-    if embedded_weights(source) is not None:
-        made = json.loads(embedded_weights(source).with_suffix(".json").read_text())
+    embedded = embedded_weights(source)
+    if embedded is not None:
+        made = json.loads(embedded.with_suffix(".json").read_text())
         command, seconds = made["command"], made["train_seconds"]
     else:
         config = Path(source).parent / "config.json"

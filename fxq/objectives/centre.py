@@ -52,8 +52,8 @@ def centre_loss(outputs: dict[str, torch.Tensor], targets: list[dict]) -> dict[s
     """``loss`` (weighted by :data:`WEIGHTS`), its three terms and ``accuracy`` (detached): the fraction of
     objects whose centre logits name their class. A batch without objects trains the centre map only."""
     class_map, box_map = outputs["class_map"], outputs["box_map"]
-    logits, labels = centre_values(class_map, targets)
-    sizes, _ = centre_values(box_map[:, 1:], targets)
+    values, labels = centre_values(torch.cat([class_map, box_map[:, 1:]], 1), targets)
+    logits, sizes = values[:, : class_map.shape[1]], values[:, class_map.shape[1] :]
     heat = centre_heatmap(targets, box_map.shape[-2:], box_map.dtype).to(box_map.device)
     count = max(1, len(labels))
     terms = {"loss_centre": sigmoid_focal_loss(box_map[:, 0], heat).sum() / count}
