@@ -99,8 +99,9 @@ def detptq(gm: torch.fx.GraphModule, loader: Iterable, reference: torch.nn.Modul
     if not qs or bad:
         raise InputError(f"DetPTQ needs Lp-searching observers on every quantizer ({bad[:3] or 'no quantizers'}); "
                          'annotate with a_observer="lp:2", w_observer="lp:2" and run insert_quantizers first')
-    observe(gm, loader, None, progress)
-    batches = [b for i, b in enumerate(loader) if num_batches is None or i < num_batches]
+    loaded = list(loader)  # read once: observed whole, then the ODOL batches
+    observe(gm, loaded, None, progress)
+    batches = loaded if num_batches is None else loaded[:num_batches]
     table = {name: {p: _lp_qparams(q, p, num_clip_ratios) for p in candidates} for name, q in qs.items()}
     threshold = PSEUDO_TARGET_THRESHOLD[gm.head] if score_threshold is None else score_threshold
     odol = _Odol(gm, reference, batches, threshold)
