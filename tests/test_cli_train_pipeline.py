@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from fxq.cli import main
@@ -58,3 +59,50 @@ def test_the_same_train_command_gives_the_same_weights_and_the_seed_changes_them
         states.append(read_state_dict(tmp_path / name / "checkpoint.pt"))
     assert states[0].keys() == states[1].keys() and all(torch.equal(v, states[1][k]) for k, v in states[0].items())
     assert any(not torch.equal(v, states[2][k]) for k, v in states[0].items() if k.startswith("transformer."))
+
+
+def test_freeze_backbone_keeps_the_early_stages_and_resume_checks_it(tmp_path, capsys):
+    from fxq.models import read_state_dict
+    from fxq.models.transfer import source_state
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["data", "synth", "--out", str(data), "--seed", "3", "--train", "8", "--val", "4", "--size", "64"]) == 0
+    args = ["train", "detr_tiny", "--data", str(data), "--out", str(run), "--batch-size", "4", "--size", "64",
+            "--backbone-from", "deformable_detr_tiny", "--no-progress", "--warmup", "0"]
+    assert main([*args, "--stop-after", "2", "--freeze-backbone", "layer2"]) == 0
+    trained, source = read_state_dict(run / "checkpoint.pt"), source_state("deformable_detr_tiny")
+    params = {name for name, _ in build("detr_tiny").named_parameters()}
+    body = "backbone.0.body."
+    frozen = [k for k in params if k.startswith((body + "conv1", body + "bn1", body + "layer1", body + "layer2"))]
+    trainable = [k for k in params if k.startswith(body + "layer3")]
+    assert frozen and trainable
+    assert all(torch.equal(trained[k], source[k]) for k in frozen)
+    assert all(not torch.equal(trained[k], source[k]) for k in trainable if k.endswith("conv1.weight"))
+    capsys.readouterr()
+    assert main([*args, "--stop-after", "3", "--freeze-backbone", "layer1", "--resume"]) == 2
+    assert "frozen_parameters" in capsys.readouterr().err
+
+
+def test_freeze_backbone_needs_a_resnet_backbone():
+    from fxq import InputError
+    from fxq.train.freeze import freeze_backbone
+
+    with pytest.raises(InputError, match="backbone.0.body"):
+        freeze_backbone(torch.nn.Linear(2, 2), "layer1")
+    with pytest.raises(InputError, match="layer5.*stem, layer1"):
+        freeze_backbone(build("detr_tiny"), "layer5")
+
+
+def test_query_groups_train_and_publish_the_first_group_only(tmp_path, capsys):
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["data", "synth", "--out", str(data), "--seed", "3", "--train", "8", "--val", "4", "--size", "64"]) == 0
+    args = ["--data", str(data), "--out", str(run), "--batch-size", "4", "--size", "64", "--no-progress",
+            "--query-groups", "2"]
+    assert main(["train", "deformable_detr_tiny", *args]) == 2
+    assert "--query-groups 2: needs a DETR model" in capsys.readouterr().err and not run.exists()
+    assert main(["train", "detr_tiny", *args]) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert {"g1.loss_ce", "g1.loss_giou_0"} <= set(log[0])
+    saved = torch.load(run / "model.pt", weights_only=True)
+    assert saved.keys() == build("detr_tiny").state_dict().keys()
+    build("detr_tiny", checkpoint=run / "model.pt")  # strict load

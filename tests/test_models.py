@@ -102,3 +102,32 @@ def test_no_mask_equals_all_false_mask():
         b = model(images, torch.zeros(2, 96, 128, dtype=torch.bool))
     assert torch.allclose(a["pred_logits"], b["pred_logits"], atol=1e-5)
     assert torch.allclose(a["pred_boxes"], b["pred_boxes"], atol=1e-6)
+
+
+def _same_outputs(a: dict, b: dict) -> bool:
+    keys = ("pred_logits", "pred_boxes")
+    return all(torch.allclose(a[k], b[k], atol=1e-5) for k in keys) and all(
+        torch.allclose(x[k], y[k], atol=1e-5) for x, y in zip(a["aux_outputs"], b["aux_outputs"], strict=True)
+        for k in keys)
+
+
+def test_query_groups_decode_independently_and_only_the_first_runs_in_eval():
+    """Each group of Group DETR equals a group-free DETR whose queries are that group's (same seed, same other
+    weights): no group sees another; eval mode runs the first group alone."""
+    grouped = build("detr_tiny", seed=3, query_groups=3, dropout=0.0).train()
+    plain = build("detr_tiny", seed=3, dropout=0.0).train()
+    shared = {k: v for k, v in grouped.state_dict().items() if not k.startswith("group_query_embed.")}
+    assert all(torch.equal(v, shared[k]) for k, v in plain.state_dict().items())
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        out = grouped(images)
+        assert len(out["group_outputs"]) == 2
+        assert _same_outputs(out, plain(images))
+        extra = grouped.group_query_embed.weight.reshape(2, plain.num_queries, -1)
+        for group, queries in zip(out["group_outputs"], extra, strict=True):
+            plain.query_embed.weight.copy_(queries)
+            assert _same_outputs(group, plain(images))
+        plain.load_state_dict(shared)
+        grouped.eval(), plain.eval()
+        evaluated = grouped(images)
+        assert "group_outputs" not in evaluated and _same_outputs(evaluated, plain(images))

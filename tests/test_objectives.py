@@ -365,3 +365,15 @@ def test_critical_ids_are_validated():
         CriticalObjective(criterion, range(5))(outputs, targets)
     with pytest.raises(InputError, match="not a category"):
         CriticalObjective(SetCriterion(head="sigmoid"), [6])(*random_problem(0, num_logits=6, head="sigmoid"))
+
+
+def test_query_groups_add_one_matched_criterion_per_group():
+    """With group_outputs, the total is the sum of the criterion of each group on its own (Group DETR)."""
+    outputs, targets = random_problem(21, counts=(2, 3), head="sigmoid")
+    groups = [random_problem(22 + i, counts=(2, 3), head="sigmoid")[0] for i in range(2)]
+    criterion = SetCriterion(head="sigmoid", weights={"loss_ce": 5.0})
+    total = criterion({**outputs, "group_outputs": groups}, targets)
+    parts = [criterion(o, targets) for o in [outputs, *groups]]
+    assert total["loss"].item() == pytest.approx(sum(p["loss"].item() for p in parts), rel=1e-9)
+    assert total["g2.loss_giou"].item() == pytest.approx(parts[2]["loss_giou"].item(), rel=1e-9)
+    assert total["loss_ce"].item() == pytest.approx(parts[0]["loss_ce"].item(), rel=1e-9)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from fxq.train.freeze import STAGES
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a detector on a COCO-format folder",
@@ -26,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weight of the classification loss (default: 1 softmax head, 2 sigmoid head, as DETR / "
                    "Deformable DETR)")
     p.add_argument("--one-to-many", type=int, default=1, help="repeat every ground-truth box k times in matching")
+    p.add_argument("--query-groups", type=int, default=1,
+                   help="DETR only: train G groups of queries, each matched one-to-one (Group DETR); the first is kept")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the data order and augmentation")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
@@ -33,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", help="start from these weights (e.g. an earlier run's model.pt) instead of random")
     p.add_argument("--backbone-from", help="initialise the ResNet backbone from this trained detector: a model "
                    "name with embedded weights (e.g. deformable_detr_tiny) or a checkpoint file")
+    p.add_argument("--freeze-backbone", choices=STAGES, default=None,
+                   help="no gradients to the backbone's stem through this stage (DETR: layer1)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -67,22 +73,31 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fxq.data import collate
+    from fxq.errors import InputError
     from fxq.evaluation import evaluate_model
     from fxq.io import write_atomic, write_json
     from fxq.models import build, config_of
+    from fxq.models.detr import TRAINING_ONLY
     from fxq.models.transfer import copy_backbone, source_state
     from fxq.objectives import build_criterion
     from fxq.train import TrainConfig
+    from fxq.train.freeze import freeze_backbone
 
-    config_of(args.model)
+    family, _ = config_of(args.model)
+    if args.query_groups < 1 or (args.query_groups > 1 and family != "detr"):
+        raise InputError(f"--query-groups {args.query_groups}: needs a DETR model (not {family}) and G >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     # a wrong backbone source fails before the datasets are read
     backbone = source_state(args.backbone_from) if args.backbone_from else None
     train_set, val_set = datasets(args)
-    model = build(args.model, checkpoint=args.init, seed=args.seed, num_classes=train_set.num_classes).train()
+    groups = {"query_groups": args.query_groups} if args.query_groups > 1 else {}
+    model = build(args.model, checkpoint=args.init, seed=args.seed, num_classes=train_set.num_classes,
+                  **groups).train()
     if args.backbone_from:
         copy_backbone(model, args.backbone_from, backbone)
+    if args.freeze_backbone:
+        freeze_backbone(model, args.freeze_backbone)
     weights = {} if args.cls_loss_coef is None else {"loss_ce": args.cls_loss_coef}
     criterion = build_criterion(model.head, one_to_many=args.one_to_many, weights=weights)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -93,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if not train_run(model, criterion, train_set, cfg, args):
         return 0
     model.eval()
-    write_atomic(f"{args.out}/model.pt", lambda f: torch.save(model.state_dict(), f), mode="wb")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(TRAINING_ONLY)}
+    write_atomic(f"{args.out}/model.pt", lambda f: torch.save(state, f), mode="wb")
     loader = torch.utils.data.DataLoader(val_set, batch_size=16, collate_fn=collate)
     metrics = evaluate_model(model, loader, val_set.coco, progress=not args.no_progress)
     metrics.pop("detections", None)

@@ -55,8 +55,9 @@ class MultiheadAttention(nn.Module):
         return x.reshape(length, batch * self.num_heads, self.head_dim).transpose(0, 1)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention output [L, B, E] for query [L, B, E], key/value [S, B, E]; mask [B, S] True = ignore."""
+                key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output [L, B, E] for query [L, B, E], key/value [S, B, E]; ``key_padding_mask`` [B, S] and
+        ``attn_mask`` [L, S], True = ignore."""
         length, batch = query.shape[0], query.shape[1]
         q = self._split_heads(self._project(query, 0)) * (1.0 / math.sqrt(self.head_dim))
         k = self._split_heads(self._project(key, 1))
@@ -66,6 +67,8 @@ class MultiheadAttention(nn.Module):
             scores = scores.reshape(batch, self.num_heads, length, -1)
             scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
             scores = scores.reshape(batch * self.num_heads, length, -1)
+        if attn_mask is not None:
+            scores = scores.masked_fill(attn_mask, float("-inf"))
         attn = self.dropout(scores.softmax(dim=-1))
         out = attention_mix(attn, v).transpose(0, 1).reshape(length, batch, self.embed_dim)
         return self.out_proj(out)

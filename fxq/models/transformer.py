@@ -55,9 +55,9 @@ class DecoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None,
-                pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+                pos: torch.Tensor, query_pos: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
         q = k = _with_pos(tgt, query_pos)
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt)))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, attn_mask=query_mask)))
         tgt2 = self.multihead_attn(_with_pos(tgt, query_pos), _with_pos(memory, pos), memory,
                                    key_padding_mask=memory_mask)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
@@ -87,10 +87,10 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None,
-                pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+                pos: torch.Tensor, query_pos: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
         intermediate = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, memory_mask, pos, query_pos)
+            tgt = layer(tgt, memory, memory_mask, pos, query_pos, query_mask)
             intermediate.append(self.norm(tgt))
         return torch.stack(intermediate)
 
@@ -111,13 +111,14 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(self, src: torch.Tensor, mask: torch.Tensor | None, query_embed: torch.Tensor,
-                pos: torch.Tensor) -> torch.Tensor:
-        """Decoder outputs [L, B, Q, E] for src/pos [B, E, h, w], mask [B, h, w] or None, queries [Q, E]."""
+                pos: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder outputs [L, B, Q, E] for src/pos [B, E, h, w], mask [B, h, w] or None, queries [Q, E] and
+        ``query_mask`` [Q, Q] (True = a query does not attend to another) or None."""
         batch = src.shape[0]
         src = src.flatten(2).permute(2, 0, 1)
         pos = pos.flatten(2).permute(2, 0, 1)
         query_pos = query_embed.unsqueeze(1).repeat(1, batch, 1)
         mask = None if mask is None else mask.flatten(1)
         memory = self.encoder(src, mask, pos)
-        hs = self.decoder(torch.zeros_like(query_pos), memory, mask, pos, query_pos)
+        hs = self.decoder(torch.zeros_like(query_pos), memory, mask, pos, query_pos, query_mask)
         return hs.transpose(1, 2)

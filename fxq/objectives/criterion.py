@@ -9,8 +9,10 @@ Per decoder layer (the final one and every entry of ``outputs["aux_outputs"]``):
 - ``loss_bbox``: L1 between matched cxcywh boxes, summed, divided by the number of boxes.
 - ``loss_giou``: ``1 - GIoU`` of matched boxes, summed, divided by the number of boxes.
 
-Aux layer i's terms are named ``loss_ce_{i}``, ``loss_bbox_{i}``, ``loss_giou_{i}``. The returned dict also
-holds ``loss`` = sum over all terms of ``weights[term] * term`` (defaults 1/5/2 softmax, 2/5/2 sigmoid).
+Aux layer i's terms are named ``loss_ce_{i}``, ``loss_bbox_{i}``, ``loss_giou_{i}``. Each extra query group g of
+Group DETR (``outputs["group_outputs"]``, matched one-to-one on its own) adds the same terms prefixed ``g{g}.``.
+The returned dict also holds ``loss`` = sum over all terms of ``weights[term] * term`` (defaults 1/5/2 softmax,
+2/5/2 sigmoid).
 
 The number of boxes is ``repeat * (number of ground-truth boxes)`` (so one-to-many matching keeps the scale),
 at least 1. Under ``torch.distributed`` the box count and the cross-entropy weight sum are averaged over ranks
@@ -74,14 +76,21 @@ class SetCriterion:
         }
 
     def __call__(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
-        """All loss terms (unweighted) of every decoder layer, plus their weighted total ``loss``."""
+        """All loss terms (unweighted) of every decoder layer and query group, plus their weighted total ``loss``."""
         num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
+        losses = self.decoder_losses(outputs, targets, num_boxes)
+        for g, group in enumerate(outputs.get("group_outputs", []), start=1):
+            losses.update({f"g{g}.{k}": v for k, v in self.decoder_losses(group, targets, num_boxes).items()})
+        losses["loss"] = sum(self.weights[_base(k)] * v for k, v in losses.items())
+        return losses
+
+    def decoder_losses(self, outputs: dict, targets: list[dict], num_boxes: Tensor) -> dict[str, Tensor]:
+        """The terms of the final decoder layer and (when ``aux``) of every ``aux_outputs`` entry."""
         losses = self.layer_losses(outputs, targets, self.matcher(outputs, targets), num_boxes)
         if self.aux:
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
                 terms = self.layer_losses(aux, targets, self.matcher(aux, targets), num_boxes)
                 losses.update({f"{k}_{i}": v for k, v in terms.items()})
-        losses["loss"] = sum(self.weights[_base(k)] * v for k, v in losses.items())
         return losses
 
     def num_boxes(self, targets: list[dict], device: torch.device | str = "cpu") -> Tensor:
@@ -162,5 +171,6 @@ def _rank_mean(value: Tensor) -> Tensor:
 
 
 def _base(term: str) -> str:
+    term = term.rpartition(".")[2]
     head, _, tail = term.rpartition("_")
     return head if tail.isdigit() else term

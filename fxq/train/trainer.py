@@ -209,8 +209,9 @@ class Trainer:
 
     def _settings(self) -> dict:
         criterion = self.criterion.config() if hasattr(self.criterion, "config") else _qualname(self.criterion)
+        frozen = sum(not p.requires_grad for p in self.model.parameters())
         return {**self.cfg.trajectory(), "dataset_len": len(self.dataset),
-                "world_size": self.info.world_size, "criterion": criterion}
+                "world_size": self.info.world_size, "criterion": criterion, "frozen_parameters": frozen}
 
     def _resume_path(self, resume: bool | str | Path) -> Path | None:
         if resume is False or resume is None:
