@@ -237,13 +237,13 @@ def test_narrow_activations_are_stored_in_eight_bits(lowered):
 
 
 #: Trained weights (fxq's embedded tiny models), W8A8: measured max / mean |Δ| (logits; boxes), about ×2 here.
-TRAINED_BOUNDS = {"detr_tiny": ((0.3, 0.036), (0.045, 0.0032)),
+TRAINED_BOUNDS = {"detr_tiny": ((0.45, 0.05), (0.025, 0.0033)),
                   "deformable_detr_tiny": ((0.12, 0.013), (0.007, 5e-4))}
 
 
 @pytest.mark.parametrize("name", ["detr_tiny", "deformable_detr_tiny"])
 def test_parity_on_trained_weights(name, batches, tmp_path):
-    """Measured: detr_tiny max / mean |Δ logits| 0.144 / 0.018 (|logits| ≤ 10.3), |Δ boxes| 0.022 / 0.0016;
+    """Measured: detr_tiny max / mean |Δ logits| 0.216 / 0.025 (|logits| ≤ 10.0), |Δ boxes| 0.012 / 0.0016;
     deformable_detr_tiny 0.060 / 0.0065 (|logits| ≤ 8.3), 0.003 / 2.5e-4. For comparison, the plain QDQ lowering
     of deformable_detr_tiny without the runtime preparation, run by ORT without any fusion, is 0.089 / 0.004 from
     PyTorch: float reassociation alone flips rounding decisions that trained weights amplify."""
