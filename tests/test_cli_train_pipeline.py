@@ -106,3 +106,5 @@ def test_query_groups_train_and_publish_the_first_group_only(tmp_path, capsys):
     saved = torch.load(run / "model.pt", weights_only=True)
     assert saved.keys() == build("detr_tiny").state_dict().keys()
     build("detr_tiny", checkpoint=run / "model.pt")  # strict load
+    again = ["--init", str(run / "model.pt"), "--stop-after", "1", "--out", str(tmp_path / "again")]
+    assert main(["train", "detr_tiny", *args, *again]) == 0  # the published weights train on with new groups

@@ -92,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
     backbone = source_state(args.backbone_from) if args.backbone_from else None
     train_set, val_set = datasets(args)
     groups = {"query_groups": args.query_groups} if args.query_groups > 1 else {}
-    model = build(args.model, checkpoint=args.init, seed=args.seed, num_classes=train_set.num_classes,
-                  **groups).train()
+    model = build(args.model, seed=args.seed, num_classes=train_set.num_classes, **groups).train()
+    if args.init:
+        load_init(model, args.init, args.model)
     if args.backbone_from:
         copy_backbone(model, args.backbone_from, backbone)
     if args.freeze_backbone:
@@ -117,6 +118,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model}: AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  "
           f"(split {args.val_split!r}, {metrics['num_images']} images)")
     return 0
+
+
+def load_init(model, path: str, name: str) -> None:
+    """Load ``--init`` weights strictly, except that training-only weights the file lacks (a published model
+    trained on with ``--query-groups``) keep their fresh initialisation."""
+    from fxq.models import read_state_dict
+    from fxq.models.checkpoint import check_compatible
+    from fxq.models.detr import TRAINING_ONLY
+
+    state = read_state_dict(path)
+    fresh = {k: v for k, v in model.state_dict().items() if k.startswith(TRAINING_ONLY) and k not in state}
+    state = {**fresh, **state}
+    check_compatible(model, state, path, name)
+    model.load_state_dict(state)
 
 
 def train_run(model, criterion, train_set, cfg, args: argparse.Namespace) -> bool:
