@@ -100,6 +100,8 @@ def test_query_groups_train_and_publish_the_first_group_only(tmp_path, capsys):
             "--query-groups", "2"]
     assert main(["train", "deformable_detr_tiny", *args]) == 2
     assert "--query-groups 2: needs a DETR model" in capsys.readouterr().err and not run.exists()
+    assert main(["train", "detr_tiny", *args[:-1], "0"]) == 2
+    assert "--query-groups 0: give 1" in capsys.readouterr().err and not run.exists()
     assert main(["train", "detr_tiny", *args]) == 0
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert {"g1.loss_ce", "g1.loss_giou_0"} <= set(log[0])

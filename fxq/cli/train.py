@@ -84,8 +84,10 @@ def run(args: argparse.Namespace) -> int:
     from fxq.train.freeze import freeze_backbone
 
     family, _ = config_of(args.model)
-    if args.query_groups < 1 or (args.query_groups > 1 and family != "detr"):
-        raise InputError(f"--query-groups {args.query_groups}: needs a DETR model (not {family}) and G >= 1")
+    if args.query_groups < 1:
+        raise InputError(f"--query-groups {args.query_groups}: give 1 (plain DETR) or more groups")
+    if args.query_groups > 1 and family != "detr":
+        raise InputError(f"--query-groups {args.query_groups}: needs a DETR model, {args.model} is {family}")
     if args.threads:
         torch.set_num_threads(args.threads)
     # a wrong backbone source fails before the datasets are read
