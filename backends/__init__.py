@@ -1,10 +1,10 @@
-"""Lowering and runtimes (imported as ``fxq.backends``): ONNX QDQ export, onnxruntime sessions, latency."""
+"""Lowering and runtimes (imported as ``fxq.backends``): ONNX QDQ export, runtime-aware lowering, onnxruntime
+sessions and what each runtime offers. Benchmarking lives above, in :mod:`fxq.bench`; the runtimes' profiles
+are plain data in :mod:`fxq.targets`. This layer imports neither :mod:`fxq.passes` nor :mod:`fxq.bench`.
+"""
 
-from fxq.backends.bench import Timing, latency_table, profile_onnx, time_onnx, time_torch
 from fxq.backends.capabilities import (
     PROVIDERS,
-    RUNTIMES,
-    RuntimeCapabilities,
     available_providers,
     available_runtimes,
     resolve_provider,
@@ -20,24 +20,17 @@ from fxq.backends.session import OrtSession
 
 __all__ = [
     "PROVIDERS",
-    "RUNTIMES",
     "LoweringError",
     "LoweringReport",
     "NodeExecution",
     "OrtSession",
-    "RuntimeCapabilities",
     "RuntimeLoweringReport",
-    "Timing",
     "available_providers",
     "available_runtimes",
-    "latency_table",
     "lower_for_runtime",
     "lower_to_onnx",
     "pack_int4",
-    "profile_onnx",
     "resolve_provider",
     "runtime_capabilities",
-    "time_onnx",
-    "time_torch",
     "unpack_int4",
 ]

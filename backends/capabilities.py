@@ -1,5 +1,8 @@
-"""What each runtime offers: execution providers by short name, and per runtime the QDQ patterns its
-optimizer turns into integer kernels (the capability table the runtime-aware lowering follows).
+"""What each runtime offers here: execution providers by short name, the runtimes installed, and the QDQ
+patterns ORT CPU's optimizer turns into integer kernels (the facts behind the ``ort-cpu`` profile).
+
+The runtimes and their flags are the plain-data profiles of :data:`fxq.targets.TARGETS`;
+:func:`runtime_capabilities` returns a runtime's profile once its execution provider is known to be installed.
 
 ORT CPU facts were measured on onnxruntime 1.32 (x86-64, AVX-512 VNNI) by building one-operator QDQ models
 (:mod:`fxq.backends.fusion_probes`) and reading the graph onnxruntime runs; ``tests/test_runtime_lowering.py``
@@ -18,20 +21,21 @@ checks every :class:`FusionFact` on the installed onnxruntime. In short:
   (DequantizeLinear ``block_size``) → MatMulNBits.
 - uint16 and uint4 activations are not fused (float kernels on dequantized values).
 - u8 activations with s8 weights are the fast path (VNNI); s8 activations fuse but ran 2.4× slower on
-  DETR-R50 (DESIGN.md §4).
+  DETR-R50 (docs/METHODS.md, "Runtime facts").
 
-CUDA and TensorRT entries are listed only when their execution provider is installed; their facts are not
-verified here (no GPU build of onnxruntime in this environment).
+CUDA and TensorRT runtimes are available only when their execution provider is installed; their profiles are
+not verified here (no GPU build of onnxruntime in this environment).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import onnxruntime as ort
 
 from fxq.errors import InputError
+from fxq.targets import TARGETS, TargetProfile
 
 #: Short provider names and the onnxruntime execution providers they select.
 PROVIDERS: dict[str, str] = {
@@ -122,68 +126,31 @@ ORT_CPU_FACTS: tuple[FusionFact, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class RuntimeCapabilities:
-    """How the runtime-aware lowering places precision on one runtime.
-
-    ``cast_narrow_weights``: 2–4-bit weights read with quantized activations are stored int4 and cast to
-    int8 for the int8 kernels; ``weight_only_nbits``: weight-only int4 MatMul weights are blocked for
-    MatMulNBits; ``int32_conv_bias``: a fused Conv's bias is stored int32 (s_x·s_w);
-    ``conv_needs_output_q``: a Conv is fused only with an output quantizer (see
-    :func:`fxq.passes.runtime_prep.insert_output_quantizers`); ``activation_storage_bits``: narrower
-    activations are stored at this width (with a Clip keeping their range) so that the int8 kernels run them;
-    ``space_to_depth_convs``: strided convs on few channels (the stem) run as space-to-depth + stride-1 conv
-    (:mod:`fxq.backends.space_to_depth`);
-    ``verified``: whether ``facts`` are checked by the tests on this machine.
-    """
-
-    name: str
-    provider: str
-    description: str
-    cast_narrow_weights: bool = False
-    weight_only_nbits: bool = False
-    int32_conv_bias: bool = False
-    conv_needs_output_q: bool = False
-    activation_storage_bits: int | None = None
-    space_to_depth_convs: bool = False
-    integer_kernels: tuple[str, ...] = ()
-    facts: tuple[FusionFact, ...] = field(default=())
-    verified: bool = False
-
-
-RUNTIMES: dict[str, RuntimeCapabilities] = {
-    "ort-cpu": RuntimeCapabilities(
-        "ort-cpu", "CPUExecutionProvider", "onnxruntime CPU: u8 activations × s8 weights through QLinearConv, "
-        "QLinearMatMul and MatMulIntegerToFloat; int4 only through MatMulNBits (weight-only) or as storage",
-        cast_narrow_weights=True, weight_only_nbits=True, int32_conv_bias=True, conv_needs_output_q=True,
-        activation_storage_bits=8, space_to_depth_convs=True,
-        integer_kernels=("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger",
-                         "QGemm", "MatMulNBits", "DynamicQuantizeMatMul", "QLinearAdd"),
-        facts=ORT_CPU_FACTS, verified=True),
-    "ort-cuda": RuntimeCapabilities(
-        "ort-cuda", "CUDAExecutionProvider", "onnxruntime CUDA: QDQ nodes run as such (few integer kernels); "
-        "int4 MatMul weights through MatMulNBits", weight_only_nbits=True,
-        integer_kernels=("MatMulNBits", "QOrderedMatMul")),
-    "ort-tensorrt": RuntimeCapabilities(
-        "ort-tensorrt", "TensorrtExecutionProvider", "TensorRT explicit quantization: consumes Q/DQ itself "
-        "(symmetric s8 activations and weights)", integer_kernels=("TRTKernel",)),
-}
-
-
-def runtime_capabilities(name: str) -> RuntimeCapabilities:
-    """The capability table of runtime ``name`` ("ort-cpu", "ort-cuda", "ort-tensorrt").
+def runtime_capabilities(name: str) -> TargetProfile:
+    """The profile of runtime ``name`` (:data:`fxq.targets.TARGETS`: "ort-cpu", "ort-cuda", "ort-tensorrt"),
+    checked to be runnable here.
 
     InputError for an unknown runtime, or one whose execution provider is not installed (naming those that are).
     """
-    if name not in RUNTIMES:
-        raise InputError(f"runtime {name!r} is unknown; use one of {', '.join(RUNTIMES)} "
+    if name not in TARGETS:
+        raise InputError(f"runtime {name!r} is unknown; use one of {', '.join(TARGETS)} "
                          f"(installed here: {', '.join(available_runtimes())})")
-    caps = RUNTIMES[name]
-    resolve_provider(caps.provider)
-    return caps
+    profile = TARGETS[name]
+    resolve_provider(profile.provider)
+    return profile
 
 
 def available_runtimes() -> list[str]:
-    """The runtimes of :data:`RUNTIMES` whose execution provider this onnxruntime has."""
+    """The runtimes of :data:`fxq.targets.TARGETS` whose execution provider this onnxruntime has."""
     installed = ort.get_available_providers()
-    return [name for name, caps in RUNTIMES.items() if caps.provider in installed]
+    return [name for name, profile in TARGETS.items() if profile.provider in installed]
+
+
+def runtime_of_provider(provider: str) -> str:
+    """The runtime of :data:`fxq.targets.TARGETS` that runs on execution provider ``provider`` (a short or
+    full name); InputError when the provider is not installed or no runtime runs on it."""
+    full = resolve_provider(provider)
+    for name, profile in TARGETS.items():
+        if profile.provider == full:
+            return name
+    raise InputError(f"no runtime target of fxq runs on {full}; use a provider of {', '.join(TARGETS)}")

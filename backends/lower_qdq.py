@@ -44,9 +44,9 @@ def check_arguments(gm: torch.fx.GraphModule, images: torch.Tensor, opset: int,
     check_images(images)
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise InputError(f"opset={opset!r} is not supported; use {MIN_OPSET}..{MAX_OPSET} (21 for int4/int16 storage)")
-    narrow = next((p for p in points.values() if p.enabled and p.qrange.storage_bits in (4, 16)), None)
+    narrow = next((p for p in points.values() if p.enabled and p.storage_bits in (4, 16)), None)
     if narrow is not None and opset < 21:
-        raise InputError(f"quantizer node {narrow.name!r} is {narrow.bits}-bit: its {narrow.qrange.storage_bits}-bit "
+        raise InputError(f"quantizer node {narrow.name!r} is {narrow.bits}-bit: its {narrow.storage_bits}-bit "
                          f"ONNX storage needs opset 21; pass opset=21")
 
 

@@ -14,7 +14,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxq.backends.quant_points import QuantPoint, quantizer_nodes
+from fxq.backends.quant_points import QuantPoint
+from fxq.roles import quantizer_nodes
 
 MARKER_DOMAIN = "fxq"
 MARKER_OP = "QMark"

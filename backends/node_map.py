@@ -24,10 +24,11 @@ import re
 import onnx
 import torch.fx
 
+from fxq.roles import ATTENTION_ROLES
+
 #: Ops that only move data between a DequantizeLinear and the matmul that reads it.
 _MOVES = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten"}
 COMPUTE_OPS = {"Conv", "MatMul", "Gemm"}
-ATTENTION_ROLES = ("attn_qk", "attn_av")
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:

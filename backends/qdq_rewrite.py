@@ -56,7 +56,7 @@ def _marker_name(node: onnx.NodeProto) -> str:
 def _qparams(point: QuantPoint, inits: list[onnx.TensorProto]) -> list[str]:
     names = [f"{point.name}/scale", f"{point.name}/zero_point"]
     inits.append(float_tensor(names[0], point.scale))
-    inits.append(integer_tensor(names[1], point.zero_point, point.qrange))
+    inits.append(integer_tensor(names[1], point.zero_point, point.qrange, point.min_storage_bits))
     return names
 
 
@@ -79,8 +79,8 @@ def _activation_nodes(node: onnx.NodeProto, point: QuantPoint, inits: list[onnx.
                             "use per-tensor activations (QSpec default)")
     scale, zp = _qparams(point, inits)
     name, source, output = point.name, node.input[0], node.output[0]
-    narrow = point.bits != point.qrange.storage_bits
-    clip_after = narrow and point.qrange.storage_bits == 4
+    narrow = point.bits != point.storage_bits
+    clip_after = narrow and point.storage_bits == 4
     nodes = []
     if narrow and not clip_after:
         nodes.append(_clip(point, source, f"{name}/clipped", inits))
@@ -130,10 +130,11 @@ def _fold_transposes(nodes: list[onnx.NodeProto], outputs: set[str], weights: di
 
 def _materialize(graph: onnx.GraphProto, weights: dict[str, _Weight], counts: RewriteCounts) -> None:
     for name, w in weights.items():
-        graph.initializer.append(integer_tensor(f"{name}/quantized", w.values, w.point.qrange))
+        graph.initializer.append(integer_tensor(f"{name}/quantized", w.values, w.point.qrange,
+                                                w.point.min_storage_bits))
         if w.axis is not None:
             w.dq.attribute.append(helper.make_attribute("axis", w.axis))
-        counts.weights[type_name(w.point.qrange)] += 1
+        counts.weights[type_name(w.point.qrange, w.point.min_storage_bits)] += 1
 
 
 def prune(graph: onnx.GraphProto) -> None:

@@ -2,7 +2,9 @@
 
 A :class:`QuantPoint` per quantizer node of a quantized GraphModule (role ``quantize``, ``fxq.quantizer``
 meta written by :mod:`fxq.passes.insert_quant`), in graph order, with scale and zero-point exactly as
-QuantizeLinear uses them (:meth:`fxq.quant.FakeQuantizer.qparams`).
+QuantizeLinear uses them (:meth:`fxq.quant.FakeQuantizer.qparams`). How its integers are stored is
+:func:`fxq.backends.qtensor.storage_bits` of its range and ``min_storage_bits`` (which a runtime lowering
+raises for the activations its kernels read only as 8-bit).
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import numpy as np
 import torch
 import torch.fx
 
+from fxq.backends.qtensor import storage_bits
 from fxq.errors import InputError
 from fxq.quant import FakeQuantizer, QuantMode
-from fxq.quant.numerics import IntRange, normalize_axis
+from fxq.quant.numerics import IntRange, normalize_axis, quantize_linear
+from fxq.roles import quantizer_nodes
 
 
 @dataclass(frozen=True)
 class QuantPoint:
-    """One quantizer node: its kind, integer range, channel axis and calibrated (scale, zero-point)."""
+    """One quantizer node: its kind, integer range, channel axis, calibrated (scale, zero-point) and the
+    narrowest storage width the lowering allows it."""
 
     name: str
     kind: str
@@ -30,11 +35,17 @@ class QuantPoint:
     scale: np.ndarray
     zero_point: np.ndarray
     enabled: bool
+    min_storage_bits: int = 4
 
     @property
     def bits(self) -> int:
         """The declared bit-width."""
         return self.qrange.bits
+
+    @property
+    def storage_bits(self) -> int:
+        """Width of the ONNX integer type that stores its integers (and its zero-point)."""
+        return storage_bits(self.qrange, self.min_storage_bits)
 
     def quantize(self, x: torch.Tensor) -> np.ndarray:
         """The integers QuantizeLinear produces for ``x`` (x / scale, round half to even, saturate)."""
@@ -43,13 +54,7 @@ class QuantPoint:
             shape[normalize_axis(self.axis, x.shape, self.name)] = -1
         scale = torch.from_numpy(self.scale).reshape(shape if self.axis is not None else ())
         zp = torch.from_numpy(self.zero_point.astype(np.float32)).reshape(scale.shape)
-        q = torch.clamp(torch.round(x.detach().float().cpu() / scale) + zp, self.qrange.qmin, self.qrange.qmax)
-        return q.numpy().astype(np.int64)
-
-
-def quantizer_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """The quantizer nodes of ``gm`` in graph order."""
-    return [n for n in gm.graph.nodes if n.op == "call_module" and n.meta.get("fxq.role") == "quantize"]
+        return quantize_linear(x.detach().float().cpu(), scale, zp, self.qrange).numpy().astype(np.int64)
 
 
 def _point(node: torch.fx.Node, q: FakeQuantizer) -> QuantPoint:

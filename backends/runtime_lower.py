@@ -2,7 +2,7 @@
 numerics of the fake-quant graph, and a report of what runs where.
 
 On top of :func:`fxq.backends.lower_to_onnx` (same markers, same scales), for ``runtime="ort-cpu"``
-(:data:`fxq.backends.capabilities.RUNTIMES` says why):
+(:data:`fxq.targets.TARGETS` and :mod:`fxq.backends.capabilities` say why):
 
 - activations of 2–4 bits are stored uint8 / int8 with a Clip keeping their range (ORT has no 4-bit
   activation kernel; the integers are the same);
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxq.backends.capabilities import RuntimeCapabilities, runtime_capabilities
+from fxq.backends.capabilities import runtime_capabilities
 from fxq.backends.constants import constant_value
 from fxq.backends.fusion_probes import optimized_model
 from fxq.backends.lower_qdq import EXTERNAL_DATA_THRESHOLD, build_qdq_model, check_arguments, save_lowered
@@ -42,29 +42,18 @@ from fxq.backends.runtime_report import NodeExecution, RuntimeLoweringReport
 from fxq.backends.runtime_rewrite import narrow_weights, quantize_conv_biases
 from fxq.backends.space_to_depth import space_to_depth_convs
 from fxq.quant import format_policy
-from fxq.quant.numerics import IntRange
+from fxq.roles import ATTENTION_ROLES
+from fxq.targets import TargetProfile
 
 
-@dataclasses.dataclass(frozen=True)
-class _StoredWide(IntRange):
-    """A narrow integer range stored in a wider ONNX type."""
-
-    width: int = 8
-
-    @property
-    def storage_bits(self) -> int:
-        return self.width
-
-
-def _widen_activations(points: dict[str, QuantPoint], caps: RuntimeCapabilities) -> tuple[dict, list[str]]:
+def _widen_activations(points: dict[str, QuantPoint], caps: TargetProfile) -> tuple[dict, list[str]]:
     width = caps.activation_storage_bits
     if width is None:
         return points, []
     out, widened = {}, []
     for name, p in points.items():
-        if p.enabled and p.kind != "weight" and p.qrange.storage_bits < width:
-            r = p.qrange
-            p = dataclasses.replace(p, qrange=_StoredWide(r.bits, r.signed, r.qmin, r.qmax, width))
+        if p.enabled and p.kind != "weight" and p.storage_bits < width:
+            p = dataclasses.replace(p, min_storage_bits=width)
             widened.append(name)
         out[name] = p
     notes = [f"{len(widened)} activation quantizer(s) of ≤4 bits stored in {width}-bit types with a range Clip "
@@ -111,14 +100,14 @@ def _conv_biases(gm: torch.fx.GraphModule) -> dict[str, np.ndarray]:
             if n.meta.get("fxq.role") == "conv" and len(n.args) > 2 and isinstance(n.args[2], torch.fx.Node)}
 
 
-def executed_kernels(path: str | os.PathLike, caps: RuntimeCapabilities) -> dict[str, str]:
+def executed_kernels(path: str | os.PathLike, caps: TargetProfile) -> dict[str, str]:
     """{node name: op type} of the graph onnxruntime runs for the model at ``path`` on the runtime."""
     return {runtime_name(n.name): n.op_type for n in optimized_model(Path(path), caps.provider).graph.node}
 
 
 def _compute_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if (n.meta.get("fxq.quantized_inputs") or {}).get("weight")
-            or (n.meta.get("fxq.role") in ("attn_qk", "attn_av") and (n.meta.get("fxq.quantized_inputs") or {})
+            or (n.meta.get("fxq.role") in ATTENTION_ROLES and (n.meta.get("fxq.quantized_inputs") or {})
                 .get("inputs"))]
 
 
@@ -126,16 +115,16 @@ def _requested(node: torch.fx.Node) -> str:
     spec = node.meta.get("fxq.qspec")
     if spec is None:
         return "float"
-    if node.meta.get("fxq.role") in ("attn_qk", "attn_av"):
+    if node.meta.get("fxq.role") in ATTENTION_ROLES:
         return f"A{spec.attn_bits}"
     return format_policy(spec.replace(attn_bits=spec.a_bits))
 
 
 def _row(gm: torch.fx.GraphModule, node: torch.fx.Node, points: dict[str, QuantPoint], changes: list[str],
-         kernels: dict[str, str], caps: RuntimeCapabilities, verify: bool) -> NodeExecution:
+         kernels: dict[str, str], caps: TargetProfile, verify: bool) -> NodeExecution:
     record = node.meta.get("fxq.quantized_inputs") or {}
     weight = points.get(record.get("weight") or "")
-    storage = type_name(weight.qrange) if weight is not None and weight.enabled else None
+    storage = type_name(weight.qrange, weight.min_storage_bits) if weight is not None and weight.enabled else None
     kernel = kernels.get(node.name) if verify else None
     if verify and kernel is None:
         kernel = "unmapped"
@@ -153,7 +142,7 @@ def _row(gm: torch.fx.GraphModule, node: torch.fx.Node, points: dict[str, QuantP
                          _output_notes(gm, node, caps, kernel) + list(changes))
 
 
-def _output_notes(gm: torch.fx.GraphModule, node: torch.fx.Node, caps: RuntimeCapabilities,
+def _output_notes(gm: torch.fx.GraphModule, node: torch.fx.Node, caps: TargetProfile,
                   kernel: str | None) -> list[str]:
     if node.meta.get("fxq.role") != "conv" or not caps.conv_needs_output_q:
         return []

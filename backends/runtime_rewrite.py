@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from fxq.backends.node_map import COMPUTE_OPS, consumers
+from fxq.backends.qtensor import float_tensor, integer_tensor, onnx_type
+from fxq.quant.numerics import INT32, IntRange, bias_scale, int32_bias
 
-_NARROW = {TensorProto.INT4: TensorProto.INT8, TensorProto.UINT4: TensorProto.UINT8}
-_NUMPY = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
+#: 4-bit weight type → the type an 8-bit kernel reads it as (its range stored at 8 bits or more).
+_NARROW = {t: onnx_type(IntRange.of(4, signed), min_bits=8)
+           for t, signed in ((TensorProto.INT4, True), (TensorProto.UINT4, False))}
 MIN_BLOCK, MAX_BLOCK = 16, 256
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 Changes = dict[str, list[str]]
 
@@ -93,7 +96,7 @@ def _cast_to_int8(g: GraphIndex, dq: onnx.NodeProto, wide: int) -> None:
     g.graph.node.insert(list(g.graph.node).index(dq), cast)
     dq.input[0] = cast.output[0]
     if len(dq.input) > 2:
-        zp = g.array(dq.input[2]).astype(_NUMPY[wide])
+        zp = g.array(dq.input[2]).astype(helper.tensor_dtype_to_np_dtype(wide))
         g.replace_initializer(numpy_helper.from_array(zp, dq.input[2]))
 
 
@@ -173,12 +176,12 @@ def quantize_conv_biases(model: onnx.ModelProto, bias_values: dict[str, np.ndarr
             continue
         given = bias_values.get(conv.name)
         bias = (np.asarray(given) if given is not None else g.array(conv.input[2])).astype(np.float32)
-        scale = (_scale(g, x_dq) * _scale(g, w_dq)).astype(np.float32)
-        scale = np.broadcast_to(scale, bias.shape).copy()
-        q = np.clip(np.round(bias / scale), INT32_MIN, INT32_MAX).astype(np.int32)
+        scale = torch.broadcast_to(bias_scale(torch.from_numpy(_scale(g, x_dq)), torch.from_numpy(_scale(g, w_dq))),
+                                   bias.shape)
+        q = int32_bias(torch.from_numpy(bias), scale).numpy().astype(np.int32)
         names = [f"{conv.name}/bias_quantized", f"{conv.name}/bias_scale", f"{conv.name}/bias_zero_point"]
-        for array, name in zip((q, scale, np.zeros_like(q)), names, strict=True):
-            g.graph.initializer.append(numpy_helper.from_array(array, name))
+        g.graph.initializer.extend([integer_tensor(names[0], q, INT32), float_tensor(names[1], scale.numpy()),
+                                    integer_tensor(names[2], np.zeros_like(q), INT32)])
         dq = helper.make_node("DequantizeLinear", names, [f"{conv.name}/bias"], name=f"{conv.name}/bias/Dequantize",
                               axis=0)
         g.graph.node.insert(list(g.graph.node).index(conv), dq)

@@ -17,6 +17,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxq.roles import ATTENTION_ROLES, WEIGHT_ROLES
+
 
 class _ShapeRecorder(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
@@ -65,7 +67,7 @@ def macs_of(node: torch.fx.Node, modules: dict[str, nn.Module]) -> int:
     if role == "linear":
         in_features = _arg_shape(node.args[0])[-1]
         return math.prod(out) * in_features
-    if role in ("attn_qk", "attn_av", "matmul"):
+    if role in (*ATTENTION_ROLES, "matmul"):
         return math.prod(out) * _arg_shape(node.args[0])[-1]
     return 0
 
@@ -96,5 +98,12 @@ def annotate_costs(gm: torch.fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         node.meta["fxq.params"] = params_of(node, gm, modules, counted)
         node.meta["fxq.macs"] = macs_of(node, modules)
-        if node.meta.get("fxq.role") in ("conv", "linear"):
+        if node.meta.get("fxq.role") in WEIGHT_ROLES:
             node.meta["fxq.weight"] = _weight_ref(node)
+
+
+def add_params(node: torch.fx.Node, count: int) -> None:
+    """Count ``count`` parameter elements a transform added to the module ``node`` calls (e.g. a bias from
+    folding), if ``node`` is the call that counts that module's parameters."""
+    if node.meta.get("fxq.params"):
+        node.meta["fxq.params"] += count

@@ -1,4 +1,9 @@
-"""The role of every graph node (``node.meta["fxq.role"]``): what kind of computation it is."""
+"""The role of every graph node (``node.meta["fxq.role"]``): what kind of computation it is.
+
+Every role value is defined here: the classified modules and functions, the node-kind roles, and the roles of
+the nodes quantization passes insert (:data:`QUANTIZE`, :data:`BIAS_QUANTIZE`, :data:`CONSTANT`). Reads
+``fxq.role`` (:func:`quantizer_nodes`); the trace writes it with :func:`role_of`.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,25 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxq import meta
 from fxq.models.attention import attention_mix, attention_scores
 from fxq.models.frozen_bn import FrozenBatchNorm2d
+
+#: Fake-quantizer nodes (``call_module`` of a FakeQuantizer), inserted by fxq.passes.insert_quant / runtime_prep.
+QUANTIZE = "quantize"
+#: int32 bias fake-quantizer nodes, inserted by fxq.passes.runtime_prep.
+BIAS_QUANTIZE = "bias_quantize"
+#: get_attr nodes (parameters and buffers read as values).
+CONSTANT = "constant"
+#: The attention matmuls Q·Kᵀ and A·V (their operands are quantized with ``attn_bits``).
+ATTN_QK, ATTN_AV = "attn_qk", "attn_av"
+ATTENTION_ROLES = (ATTN_QK, ATTN_AV)
+#: Nodes with a parameter weight.
+WEIGHT_ROLES = ("conv", "linear")
+#: Nodes fxq can quantize (a QSpec applies to them).
+QUANTIZABLE_ROLES = (*WEIGHT_ROLES, *ATTENTION_ROLES)
+#: Roles of the nodes that are not computations.
+OP_ROLES = {"placeholder": "input", "output": "output", "get_attr": CONSTANT}
 
 MODULE_ROLES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.Conv2d, "conv"), (nn.Linear, "linear"), (nn.LayerNorm, "layernorm"), (nn.GroupNorm, "groupnorm"),
@@ -19,7 +41,7 @@ MODULE_ROLES: tuple[tuple[type[nn.Module], str], ...] = (
 )
 
 FUNCTION_ROLES: dict[object, str] = {
-    F.linear: "linear", F.conv2d: "conv", attention_scores: "attn_qk", attention_mix: "attn_av",
+    F.linear: "linear", F.conv2d: "conv", attention_scores: ATTN_QK, attention_mix: ATTN_AV,
     torch.softmax: "softmax", F.softmax: "softmax", "softmax": "softmax",
     operator.add: "add", operator.iadd: "add", torch.add: "add", "add": "add",
     operator.mul: "mul", torch.mul: "mul", "mul": "mul", operator.sub: "sub", operator.truediv: "div",
@@ -35,9 +57,24 @@ FUNCTION_ROLES: dict[object, str] = {
 
 def role_of(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
     """The role of one node; ``other`` for computations fxq does not classify."""
-    if node.op in ("placeholder", "output", "get_attr"):
-        return {"placeholder": "input", "output": "output", "get_attr": "constant"}[node.op]
+    if node.op in OP_ROLES:
+        return OP_ROLES[node.op]
     if node.op == "call_module":
         module = modules[node.target]
         return next((role for cls, role in MODULE_ROLES if isinstance(module, cls)), "module")
     return FUNCTION_ROLES.get(node.target, "other")
+
+
+#: Every role value a node can have.
+ROLES = frozenset({*(role for _, role in MODULE_ROLES), *FUNCTION_ROLES.values(), *OP_ROLES.values(), "module",
+                   "other", QUANTIZE, BIAS_QUANTIZE})
+
+
+def quantizer_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The fake-quantizer nodes of ``gm`` (role :data:`QUANTIZE`), in graph order."""
+    return [n for n in gm.graph.nodes if n.op == "call_module" and meta.get(n, meta.ROLE) == QUANTIZE]
+
+
+def quantizers(gm: torch.fx.GraphModule) -> dict[str, nn.Module]:
+    """Every fake quantizer of ``gm`` by its quantizer node's name, in graph order."""
+    return {n.name: gm.get_submodule(n.target) for n in quantizer_nodes(gm)}

@@ -2,17 +2,23 @@
 
 Nodes carry ``fxq.module``, ``fxq.role``, ``fxq.shape``, ``fxq.params``, ``fxq.macs`` (and ``fxq.weight`` on
 conv/linear nodes); see fxq/tracer.py, fxq/roles.py and fxq/costs.py.
+
+:func:`model_batch` is the one adapter from a loader batch to a model's positional inputs (and targets), for
+traced graphs and eager detectors alike; calibration, the Fisher analyses, DetPTQ, evaluation and the trainer
+all feed models through it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
 from torch import nn
 
 from fxq.costs import annotate_costs, record_shapes
+from fxq.device import module_device
 from fxq.errors import InputError, TraceError
 from fxq.roles import role_of
 from fxq.tracer import FxqTracer, untraceable
@@ -58,6 +64,88 @@ def check_images(images: object, mask: object = None) -> None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (b, h, w):
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise InputError(f"mask must be a bool tensor of shape {(b, h, w)} (True = padding), got {got}")
+
+
+class ModelBatch(NamedTuple):
+    """A loader batch as a model takes it: the positional ``inputs`` ((images,) or (images, mask)) and the
+    per-image ``targets`` (None when the batch has none)."""
+
+    inputs: tuple[torch.Tensor, ...]
+    targets: list[dict] | None
+
+
+def takes_mask(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes a padding mask after the images: what the model says (a DetectorGraph
+    and wrappers of one have ``takes_mask``), else whether a plain GraphModule has a second input, else True
+    (eager DETR-family modules take ``(images, mask)``)."""
+    declared = getattr(model, "takes_mask", None)
+    if declared is not None:
+        return bool(declared)
+    if isinstance(model, torch.fx.GraphModule):
+        return sum(node.op == "placeholder" for node in model.graph.nodes) > 1
+    return True
+
+
+def model_batch(model: nn.Module, batch: Any, *, need_targets: bool = False, index: int | None = None) -> ModelBatch:
+    """``batch`` (images, ``(images, mask)``, ``(images, targets)`` or ``(images, mask, targets)`` as
+    :func:`fxq.data.collate` yields it) as ``model`` takes it (:func:`takes_mask`), on the model's device.
+
+    InputError (prefixed ``batch <index>:`` when given) unless the images are a finite float [B, 3, H, W]
+    tensor and the mask, when present, a bool [B, H, W] one; when the model takes a mask and the batch has
+    none. With ``need_targets`` (the targets are used; they are checked, one dict per image, and moved to the
+    device too) a padded batch is refused for a model that takes no mask: it would see the padding as image,
+    and its boxes would be relative to the padded frame while the targets' are relative to each image. Without
+    ``need_targets`` the targets are passed through unchecked and such a model sees padded images as they are.
+    """
+    images, mask, targets = _unpack(batch)
+    where = "" if index is None else f"batch {index}: "
+    check_images(images, mask)
+    wants_mask = takes_mask(model)
+    if wants_mask and mask is None:
+        raise InputError(f"{where}{type(model).__name__} takes a padding mask after the images but the batch has "
+                         "none: yield (images, mask[, targets]) batches as fxq.data.collate does")
+    if need_targets:
+        _check_targets(targets, images.shape[0], where)
+        if not wants_mask and mask is not None and bool(mask.any()):
+            raise InputError(f"{where}the batch is padded but {type(model).__name__} takes no padding mask "
+                             "(traced with images only), so its boxes would not match the targets: use "
+                             "batch_size=1 or same-size images, or trace with fxq.trace(model, (images, mask))")
+    bad = (~torch.isfinite(images).flatten(1).all(1)).nonzero().flatten().tolist()
+    if bad:
+        raise InputError(f"{where}images {bad} hold NaN/inf values; check the data pipeline (decoding, "
+                         "normalisation) or drop those images")
+    device = module_device(model)
+    inputs = (images.to(device), mask.to(device)) if wants_mask else (images.to(device),)
+    if need_targets:
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    return ModelBatch(inputs, None if targets is None else list(targets))
+
+
+def _unpack(batch: Any) -> tuple[Any, Any, Any]:
+    """(images, mask or None, targets or None) of a loader batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None, None
+    if not isinstance(batch, (tuple, list)) or not 1 <= len(batch) <= 3:
+        size = f" of {len(batch)} values" if isinstance(batch, (tuple, list)) else ""
+        raise InputError(f"a batch must be images, (images, mask) or (images, mask, targets), got "
+                         f"{type(batch).__name__}{size}; pass fxq.data.collate as the loader's collate_fn")
+    if len(batch) == 3:
+        return tuple(batch)
+    if len(batch) == 2 and not isinstance(batch[1], torch.Tensor) and batch[1] is not None:
+        return batch[0], None, batch[1]
+    return batch[0], (batch[1] if len(batch) == 2 else None), None
+
+
+def _check_targets(targets: Any, count: int, where: str) -> None:
+    if targets is None:
+        raise InputError(f"{where}the batch has no targets and this needs ground truth: the loader must yield "
+                         "(images, mask, targets) batches as fxq.data.collate does, with one target dict per image")
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, dict) for t in targets):
+        raise InputError(f"{where}targets must be a list of dicts (one per image), got {type(targets).__name__}; "
+                         "pass fxq.data.collate as the loader's collate_fn")
+    if len(targets) != count:
+        raise InputError(f"{where}the batch has {count} images but {len(targets)} target dicts; "
+                         "yield one target dict per image")
 
 
 def _split_inputs(example_inputs: torch.Tensor | tuple) -> tuple[torch.Tensor, torch.Tensor | None]:

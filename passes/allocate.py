@@ -15,8 +15,8 @@ The resource r_g(b) depends on ``budget_kind``:
   weights kept float by the policy);
 - ``"bops"``: Σ macs_l·b·a_l over the group's nodes, a_l = the node's ``a_bits`` (32 for float activations),
   MACs at the traced input size (``fxq.macs``);
-- ``"latency"``: Σ lat_l(b) over the group's nodes, from ``latency_table`` ({node: {bits: ms}}, a dict or a
-  JSON file) or the nodes' ``fxq.latency``.
+- ``"latency"``: Σ lat_l(b) over the group's nodes, from ``latency_table`` ({node: {bits: ms}}, a dict or the
+  JSON file ``fxq bench --latency-table`` writes).
 
 Solved by ``scipy.optimize.milp`` (HiGHS) with a zero relative MIP gap: the result is the exact optimum (up to
 HiGHS's 1e-7 feasibility tolerance; an answer over budget by more than 1e-9 relative is re-solved tighter).
@@ -26,9 +26,10 @@ Allocated nodes are the conv/linear nodes whose ``fxq.qspec`` quantizes the weig
 float by the policy) stay float. Sensitivity: Ω from ``fxq.fisher[objective]`` (recomputed on every call);
 nodes without ``fxq.fisher`` may carry their own ``fxq.sensitivity`` (e.g. measured), used as given.
 
-Reads ``fxq.role``, ``fxq.weight``, ``fxq.qspec``, ``fxq.fisher``, ``fxq.macs``, ``fxq.latency``,
-``fxq.quant_error``, ``fxq.sensitivity``. Writes ``fxq.quant_error``, ``fxq.sensitivity``, ``fxq.qspec`` (the
-chosen ``w_bits``, other fields kept) on every allocated node, and ``gm.meta["fxq.allocation"]`` (a summary).
+Reads ``fxq.role``, ``fxq.weight``, ``fxq.qspec``, ``fxq.fisher``, ``fxq.macs``, ``fxq.quant_error``,
+``fxq.sensitivity``. Writes ``fxq.quant_error``, ``fxq.sensitivity`` (through :mod:`fxq.passes.sensitivity`),
+``fxq.qspec`` (the chosen ``w_bits``, other fields kept; through :func:`fxq.passes.policy.assign_qspec`) on every
+allocated node, and ``gm.meta["fxq.allocation"]`` (a summary).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import torch.fx
 
 from fxq.errors import InputError
 from fxq.passes.pass_manager import PassResult
+from fxq.passes.policy import assign_qspec
 from fxq.passes.sensitivity import check_candidates, weight_sensitivity
 from fxq.passes.tie_groups import merge_groups, shared_weight_groups
 from fxq.passes.weights import parameter, weight_ref
@@ -159,12 +161,11 @@ def load_latency_table(table: LatencyTable | str | os.PathLike | None) -> dict[s
     return {str(node): {int(b): float(ms) for b, ms in row.items()} for node, row in table.items()}
 
 
-def _latency(node: torch.fx.Node, table: dict | None, bits: int) -> float:
-    row = table.get(node.name) if table is not None else node.meta.get("fxq.latency")
-    row = {int(b): ms for b, ms in row.items()} if row else {}
+def _latency(node: torch.fx.Node, table: dict, bits: int) -> float:
+    row = table.get(node.name) or {}
     if bits not in row:
         raise InputError(f"no latency for node {node.name!r} at {bits} bits; measure it on the target and add it "
-                         'to latency_table ({"node": {"bits": ms}}) or to the node\'s fxq.latency')
+                         'to latency_table ({"node": {"bits": ms}}, as fxq bench --latency-table writes it)')
     return float(row[bits])
 
 
@@ -210,6 +211,9 @@ def build_problem(gm: torch.fx.GraphModule, candidates: Sequence[int] = (2, 4, 8
     """The allocation MILP of ``gm`` (module docstring); writes ``fxq.quant_error`` and ``fxq.sensitivity``."""
     if budget_kind not in BUDGET_KINDS:
         raise InputError(f"budget_kind {budget_kind!r} is unknown; use one of {BUDGET_KINDS}")
+    if budget_kind == "latency" and latency_table is None:
+        raise InputError('budget_kind "latency" needs latency_table: a {"node": {"bits": ms}} dict or the JSON file '
+                         "fxq bench --latency-table writes")
     bits = check_candidates(candidates)
     nodes = allocatable_nodes(gm)
     names = [n.name for n in nodes]
@@ -247,7 +251,7 @@ def allocate_bits(gm: torch.fx.GraphModule, candidates: Sequence[int] = (2, 4, 8
     solved = time.perf_counter()
     for node in gm.graph.nodes:
         if node.name in bits:
-            node.meta["fxq.qspec"] = node.meta["fxq.qspec"].replace(w_bits=bits[node.name])
+            assign_qspec(node, node.meta["fxq.qspec"].replace(w_bits=bits[node.name]))
     summary = {"budget_kind": budget_kind, "budget": float(budget), "used": used, "min_budget": problem.min_budget,
                "objective": objective, "objective_value": value, "candidates": list(problem.candidates),
                "bits": bits, "tie_groups": [g for g in problem.groups if len(g) > 1]}

@@ -3,38 +3,28 @@
 Reads the quantizer nodes written by :mod:`fxq.passes.insert_quant`; writes ``fxq.calib`` on each of them:
 {"method", "scale", "zero_point"} (lists, one value per channel for per-channel weights). Each quantizer uses
 the calibration method its QSpec names (``w_observer`` / ``a_observer``: minmax, percentile, mse, lp:<p>).
-Activations are observed on the float graph (all quantizers pass data through while observing).
+Activations are observed on the float graph (all quantizers pass data through while observing). Batches reach
+the graph through :func:`fxq.tracing.model_batch`: a graph traced with images only observes padded images as
+they are, padding included.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 import torch.fx
 from tqdm import tqdm
 
-from fxq.device import module_device
 from fxq.errors import InputError
-from fxq.passes.insert_quant import quantizers
 from fxq.passes.pass_manager import PassResult
-
-
-def graph_inputs(gm: torch.fx.GraphModule, batch: Any) -> tuple[torch.Tensor, ...]:
-    """The positional inputs ``gm`` takes from a loader batch: (images,) or (images, mask), on ``gm``'s device."""
-    device = module_device(gm)
-    if isinstance(batch, torch.Tensor):
-        return (batch.to(device),)
-    images, mask = batch[0], batch[1] if len(batch) > 1 else None
-    if getattr(gm, "takes_mask", False):
-        return images.to(device), None if mask is None else mask.to(device)
-    return (images.to(device),)
+from fxq.roles import quantizer_nodes, quantizers
+from fxq.tracing import model_batch
 
 
 def _set_weight_modes(gm: torch.fx.GraphModule, observing: bool) -> None:
-    for node in gm.graph.nodes:
-        if node.meta.get("fxq.quantizer", {}).get("kind") == "weight":
+    for node in quantizer_nodes(gm):
+        if node.meta["fxq.quantizer"]["kind"] == "weight":
             q = gm.get_submodule(node.target)
             q.start_observing() if observing else q.disable()
 
@@ -49,7 +39,7 @@ def observe(gm: torch.fx.GraphModule, loader: Iterable, num_batches: int | None 
         for batch in tqdm(loader, total=num_batches, desc="calibrate", disable=not progress, leave=False):
             if num_batches is not None and seen >= num_batches:
                 break
-            gm(*graph_inputs(gm, batch))
+            gm(*model_batch(gm, batch, index=seen).inputs)
             if seen == 0:
                 _set_weight_modes(gm, observing=False)  # weights are constant: one observation is enough
             seen += 1
@@ -60,12 +50,11 @@ def observe(gm: torch.fx.GraphModule, loader: Iterable, num_batches: int | None 
 
 def record_calibration(gm: torch.fx.GraphModule) -> None:
     """Copy every calibrated quantizer's method, scale and zero-point into ``fxq.calib`` of its node."""
-    for node in gm.graph.nodes:
-        if node.meta.get("fxq.role") == "quantize":
-            q = gm.get_submodule(node.target)
-            scale, zp = q.qparams()
-            node.meta["fxq.calib"] = {"method": q.method, "scale": scale.flatten().tolist(),
-                                      "zero_point": zp.flatten().to(torch.int64).tolist()}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, q in quantizers(gm).items():
+        scale, zp = q.qparams()
+        nodes[name].meta["fxq.calib"] = {"method": q.method, "scale": scale.flatten().tolist(),
+                                         "zero_point": zp.flatten().to(torch.int64).tolist()}
 
 
 def calibrate(gm: torch.fx.GraphModule, loader: Iterable, num_batches: int | None = None,

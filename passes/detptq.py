@@ -4,7 +4,7 @@ ODOL (object detection output loss) is the DETR set loss of the quantized graph'
 graph's detections as pseudo ground truth (queries scoring above ``score_threshold``: 0.5 for softmax heads,
 0.3 for sigmoid heads), on calibration batches.
 
-Procedure (DESIGN.md §3 marks the details as inferred; these are ours): observe every quantizer once (the
+Procedure (the paper gives only the idea; these details are ours, docs/METHODS.md): observe every quantizer once (the
 graph must be annotated with ``"lp:<p>"`` or ``"mse"`` observers, e.g. ``annotate_policy(gm, "W4A4",
 a_observer="lp:2", w_observer="lp:2")``); start from the candidate p whose uniform use gives the lowest ODOL;
 then, layer by layer in graph order, try every p for that layer's quantizers (its weight quantizer and the input
@@ -26,10 +26,12 @@ from tqdm import tqdm
 
 from fxq.errors import InputError
 from fxq.objectives import build_criterion
-from fxq.passes.calibrate import graph_inputs, observe, record_calibration
+from fxq.passes.calibrate import observe, record_calibration
 from fxq.passes.pass_manager import PassResult
 from fxq.quant import FakeQuantizer, lp_error, search_clip_qparams
 from fxq.quant.observers import ClipSearchObserver
+from fxq.roles import quantizers
+from fxq.tracing import model_batch
 
 DEFAULT_CANDIDATES = (1.0, 2.0, 3.0, 4.0)
 #: Score above which a float detection becomes a pseudo-target, by head. Focal-loss (sigmoid) heads score
@@ -74,27 +76,29 @@ class _Odol:
     """ODOL of the graph on fixed calibration batches against the float graph's pseudo targets."""
 
     def __init__(self, gm: torch.fx.GraphModule, reference: torch.nn.Module, batches: list, threshold: float):
-        self.gm, self.batches = gm, batches
+        self.gm = gm
+        self.inputs = [model_batch(gm, b, index=i).inputs for i, b in enumerate(batches)]
         self.criterion = build_criterion(gm.head, aux=False)
-        with torch.no_grad():
-            self.targets = [pseudo_targets(reference(*graph_inputs(gm, b)), gm.head, threshold) for b in batches]
+        with torch.no_grad():  # the reference sees what the graph sees, so their boxes share one frame
+            self.targets = [pseudo_targets(reference(*inputs), gm.head, threshold) for inputs in self.inputs]
 
     def __call__(self) -> float:
         total = 0.0
         with torch.no_grad():
-            for batch, targets in zip(self.batches, self.targets, strict=True):
-                total += self.criterion(self.gm(*graph_inputs(self.gm, batch)), targets)["loss"].item()
-        return total / len(self.batches)
+            for inputs, targets in zip(self.inputs, self.targets, strict=True):
+                total += self.criterion(self.gm(*inputs), targets)["loss"].item()
+        return total / len(self.inputs)
 
 
 def detptq(gm: torch.fx.GraphModule, loader: Iterable, reference: torch.nn.Module,
            candidates: Sequence[float] = DEFAULT_CANDIDATES, num_batches: int | None = None,
            score_threshold: float | None = None, num_clip_ratios: int = 100, progress: bool = True) -> PassResult:
-    """Calibrate ``gm``'s quantizers with DetPTQ (module docstring); ``reference`` is the float graph/model.
-    ``num_clip_ratios`` clipping ratios in (0, 1] are searched per quantizer and p; ``score_threshold``
-    (default :data:`PSEUDO_TARGET_THRESHOLD` of the head) selects the float detections used as pseudo-targets;
-    ODOL is measured on the first ``num_batches`` batches of ``loader`` (default: all of them)."""
-    qs = {n.name: gm.get_submodule(n.target) for n in gm.graph.nodes if n.meta.get("fxq.role") == "quantize"}
+    """Calibrate ``gm``'s quantizers with DetPTQ (module docstring); ``reference`` is the float graph/model
+    (it is given the graph's inputs). ``num_clip_ratios`` clipping ratios in (0, 1] are searched per quantizer
+    and p; ``score_threshold`` (default :data:`PSEUDO_TARGET_THRESHOLD` of the head) selects the float
+    detections used as pseudo-targets; ODOL is measured on the first ``num_batches`` batches of ``loader``
+    (default: all of them)."""
+    qs = quantizers(gm)
     bad = [name for name, q in qs.items() if not isinstance(q.observer, ClipSearchObserver)]
     if not qs or bad:
         raise InputError(f"DetPTQ needs Lp-searching observers on every quantizer ({bad[:3] or 'no quantizers'}); "

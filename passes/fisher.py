@@ -23,8 +23,9 @@ Gradients are computed in the graph's dtype (float64 graphs give float64 traces)
 
 Reads ``fxq.role``, ``fxq.weight``. Writes ``fxq.fisher`` on every such node: ``{"overall": s, "critical": s,
 "combined": s (those computed), "alpha": α (critical/combined), "samples": images seen, "batches": batches
-seen, "method": "empirical", "per_sample": bool}``. :func:`save_analysis` / :func:`load_analysis` keep it
-(and the allocation's annotations) as JSON.
+seen, "method": "empirical", "per_sample": bool}`` (:class:`fxq.meta.FisherRecord`, through
+:func:`record_fisher`, which :mod:`fxq.passes.hutchinson` uses too). :func:`save_analysis` /
+:func:`load_analysis` keep it (and the allocation's annotations) as JSON.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 import torch.fx
 
 from fxq.errors import InputError
+from fxq.meta import FisherRecord
 from fxq.passes.analysis_io import load_analysis, save_analysis
 from fxq.passes.fisher_objective import DetectionLosses, iterate, require_batches, units
 from fxq.passes.pass_manager import PassResult
@@ -129,6 +131,17 @@ class _SquaredNorms:
         return {key: sums[node.name] / self.terms / numel for key, sums in self.sums.items()}
 
 
+def record_fisher(node: torch.fx.Node, record: FisherRecord) -> None:
+    """Store ``record`` as the node's ``fxq.fisher`` (every estimator writes it here, so all records have the
+    fields of :class:`fxq.meta.FisherRecord`)."""
+    missing = FisherRecord.__required_keys__ - record.keys()
+    unknown = record.keys() - FisherRecord.__required_keys__ - FisherRecord.__optional_keys__
+    if missing or unknown:
+        raise ValueError(f"fxq.fisher of node {node.name!r}: missing fields {sorted(missing)}, unknown fields "
+                         f"{sorted(unknown)} (see fxq.meta.FisherRecord)")
+    node.meta["fxq.fisher"] = record
+
+
 def fisher_traces(gm: torch.fx.GraphModule, loader: Iterable, objective: str = "overall",
                   critical_ids: Sequence[int] | None = None, alpha: float = 1.0, num_batches: int | None = None,
                   per_sample: bool = False, progress: bool = True) -> PassResult:
@@ -153,8 +166,8 @@ def fisher_traces(gm: torch.fx.GraphModule, loader: Iterable, objective: str = "
     extra = {"alpha": losses.alpha} if objective != "overall" else {}
     for node, ref in targets:
         numel = ref.select(params[ref.param]).numel()
-        node.meta["fxq.fisher"] = {**norms.traces(node, numel), **extra, "samples": images,
-                                   "batches": batches, "method": "empirical", "per_sample": per_sample}
+        record_fisher(node, {**norms.traces(node, numel), **extra, "samples": images, "batches": batches,
+                             "method": "empirical", "per_sample": per_sample})
     return PassResult(gm, False, {"nodes": len(targets), "objective": objective, "samples": images,
                                   "batches": batches, "per_sample": per_sample,
                                   "seconds": time.perf_counter() - start})

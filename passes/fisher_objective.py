@@ -1,12 +1,14 @@
 """The losses a Fisher analysis differentiates, and the (inputs, targets) units it feeds the graph.
 
-Objectives (DESIGN.md §3, FQ-DETR): ``"overall"`` uses L_A, the DETR set loss
+Objectives (FQ-DETR; docs/METHODS.md, "Sensitivity"): ``"overall"`` uses L_A, the DETR set loss
 (``fxq.objectives.build_criterion(gm.head, aux=False)``); ``"critical"`` uses L_F, the set loss on the
 critical-category problem (:class:`fxq.objectives.CriticalObjective`); ``"combined"`` uses α·L_A + L_F.
 The combined objective is linear in the two losses, so its gradient (and Hessian) is α·(that of L_A) + (that of
 L_F): an analysis computes both and derives the combined statistic, and records all three.
 
-Loader batches are ``(images, mask, targets)`` as :func:`fxq.data.collate` yields them, or ``(images, targets)``.
+Loader batches are ``(images, mask, targets)`` as :func:`fxq.data.collate` yields them, or ``(images, targets)``;
+they reach the graph through :func:`fxq.tracing.model_batch` (which refuses NaN/inf images, missing targets
+and, for a graph traced with images only, padded batches).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from tqdm import tqdm
 
 from fxq.errors import InputError
 from fxq.objectives import CriticalObjective, build_criterion
-from fxq.passes.calibrate import graph_inputs
+from fxq.tracing import model_batch
 
 OBJECTIVES = ("overall", "critical", "combined")
 
@@ -68,28 +70,10 @@ class DetectionLosses:
         return {**values, "combined": combine(self.alpha, values["overall"], values["critical"])}
 
 
-def split_batch(gm: torch.fx.GraphModule, batch: Any, index: int = 0) -> Unit:
-    """The graph inputs and the per-image targets of loader batch number ``index``; NaN/inf images refused."""
-    targets = batch[-1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
-    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, dict) for t in targets):
-        raise InputError("a Fisher analysis needs ground truth: the loader must yield (images, mask, targets) "
-                         "batches as fxq.data.collate does, with one target dict per image")
-    inputs = graph_inputs(gm, batch[:-1] if len(batch) > 2 else batch[0])
-    if getattr(gm, "takes_mask", False) and (len(inputs) < 2 or inputs[1] is None):
-        raise InputError("this graph takes a padding mask: the loader must yield (images, mask, targets)")
-    if len(targets) != inputs[0].shape[0]:
-        raise InputError(f"the batch has {inputs[0].shape[0]} images but {len(targets)} target dicts; "
-                         "yield one target dict per image")
-    bad = [i for i in range(len(targets)) if not torch.isfinite(inputs[0][i]).all()]
-    if bad:
-        raise InputError(f"batch {index}: images {bad} hold NaN/inf values, so every gradient would be "
-                         "NaN; check the data pipeline (decoding, normalisation) or drop those images")
-    return inputs, list(targets)
-
-
 def units(gm: torch.fx.GraphModule, batch: Any, per_sample: bool, index: int = 0) -> Iterator[Unit]:
-    """The batch as one unit, or (``per_sample``) as one unit per image (each a batch of one)."""
-    inputs, targets = split_batch(gm, batch, index)
+    """Loader batch number ``index`` as one (inputs, targets) unit, or (``per_sample``) as one unit per image
+    (each a batch of one)."""
+    inputs, targets = model_batch(gm, batch, need_targets=True, index=index)
     if not per_sample:
         yield inputs, targets
         return

@@ -1,8 +1,8 @@
 """Fold batch norm into the preceding convolution: conv(x)·s + t becomes conv'(x) with W' = W·s, b' = b·s + t.
 
 Reads ``fxq.role``; erases ``batchnorm`` nodes whose input is a conv node used only by them, replacing the
-conv module by a folded copy (the original model is not modified). Works for FrozenBatchNorm2d and
-BatchNorm2d in eval mode.
+conv module by a folded copy (the original model is not modified); a conv that gains a bias counts it in
+``fxq.params`` (through :func:`fxq.costs.add_params`). Works for FrozenBatchNorm2d and BatchNorm2d in eval mode.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxq.costs import add_params
 from fxq.models.frozen_bn import FrozenBatchNorm2d
 from fxq.passes.pass_manager import PassResult
 
@@ -46,8 +47,8 @@ def fold_batchnorm(gm: torch.fx.GraphModule) -> PassResult:
         if src.op != "call_module" or not isinstance(modules[src.target], nn.Conv2d) or len(src.users) != 1:
             continue
         conv = modules[src.target]
-        if conv.bias is None and src.meta.get("fxq.params"):
-            src.meta["fxq.params"] += conv.out_channels
+        if conv.bias is None:
+            add_params(src, conv.out_channels)
         gm.add_submodule(src.target, folded_conv(conv, modules[node.target]))
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)

@@ -11,7 +11,7 @@ The pass :func:`hutchinson_traces` stores, like the empirical Fisher, the per-el
 of each batch's loss Hessian, averaged over batches (the expectation is per batch). Reads ``fxq.role``,
 ``fxq.weight``; writes ``fxq.fisher`` = ``{"overall"/"critical"/"combined": tr/numel (those computed),
 "alpha", "samples", "batches", "method": "hutchinson", "per_sample": False, "probes", "seed",
-"blockwise"}``.
+"blockwise"}`` (through :func:`fxq.passes.fisher.record_fisher`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import torch
 import torch.fx
 
 from fxq.errors import InputError
-from fxq.passes.fisher import analysed_params, check_finite_weights, differentiable
-from fxq.passes.fisher_objective import DetectionLosses, iterate, require_batches, split_batch
+from fxq.passes.fisher import analysed_params, check_finite_weights, differentiable, record_fisher
+from fxq.passes.fisher_objective import DetectionLosses, iterate, require_batches
 from fxq.passes.pass_manager import PassResult
 from fxq.passes.weights import WeightRef
+from fxq.tracing import ModelBatch, model_batch
 
 PROBE_STRIDE = 1_000_003
 
@@ -108,10 +109,9 @@ def _node_traces(loss: torch.Tensor, params: dict, targets: list, num_probes: in
     return {node.name: float(ref.select(diag[ref.param]).double().sum()) for node, ref in targets}
 
 
-def _batch_traces(gm: torch.fx.GraphModule, batch: object, index: int, losses: DetectionLosses, params: dict,
+def _batch_traces(gm: torch.fx.GraphModule, batch: ModelBatch, losses: DetectionLosses, params: dict,
                   targets: list, num_probes: int, seed: int, blockwise: bool) -> dict[str, dict[str, float]]:
-    inputs, tg = split_batch(gm, batch, index)
-    values = losses(gm(*inputs), tg)
+    values = losses(gm(*batch.inputs), batch.targets)
     result = {key: _node_traces(loss, params, targets, num_probes, seed, blockwise) for key, loss in values.items()}
     return losses.with_combined(result, lambda a, o, c: {n: a * o[n] + c[n] for n in o})
 
@@ -141,24 +141,24 @@ def hutchinson_traces(gm: torch.fx.GraphModule, loader: Iterable, objective: str
     sums: dict[str, dict[str, float]] = {}
     images = batches = 0
     with differentiable(gm, params.values()):
-        for index, batch in iterate(loader, num_batches, progress, f"Hutchinson ({objective})"):
-            traces = _batch_traces(gm, batch, index, losses, params, targets, num_probes, seed * PROBE_STRIDE + index,
+        for index, raw in iterate(loader, num_batches, progress, f"Hutchinson ({objective})"):
+            batch = model_batch(gm, raw, need_targets=True, index=index)
+            traces = _batch_traces(gm, batch, losses, params, targets, num_probes, seed * PROBE_STRIDE + index,
                                    blockwise)
             _check_finite(traces, index)
             for key, by_node in traces.items():
                 acc = sums.setdefault(key, dict.fromkeys(by_node, 0.0))
                 for name, value in by_node.items():
                     acc[name] += value
-            images += len(split_batch(gm, batch, index)[1])
+            images += len(batch.targets)
             batches += 1
     require_batches(batches, "Hutchinson analysis")
     extra = {"alpha": losses.alpha} if objective != "overall" else {}
     for node, ref in targets:
         numel = ref.select(params[ref.param]).numel()
-        node.meta["fxq.fisher"] = {**{k: s[node.name] / batches / numel for k, s in sums.items()}, **extra,
-                                   "samples": images, "batches": batches, "method": "hutchinson",
-                                   "per_sample": False, "probes": num_probes, "seed": seed,
-                                   "blockwise": blockwise}
+        record_fisher(node, {**{k: s[node.name] / batches / numel for k, s in sums.items()}, **extra,
+                             "samples": images, "batches": batches, "method": "hutchinson", "per_sample": False,
+                             "probes": num_probes, "seed": seed, "blockwise": blockwise})
     return PassResult(gm, False, {"nodes": len(targets), "objective": objective, "samples": images,
                                   "batches": batches, "probes": num_probes,
                                   "seconds": time.perf_counter() - start})

@@ -1,7 +1,8 @@
 """Annotate quantizable nodes with a uniform precision policy, with per-module overrides.
 
 Reads ``fxq.role`` and ``fxq.module``; writes ``fxq.qspec`` (a :class:`fxq.quant.QSpec`) on every node whose
-role is in :data:`QUANTIZABLE_ROLES` (conv, linear, attn_qk, attn_av) and removes it from the others.
+role is in :data:`fxq.roles.QUANTIZABLE_ROLES` (conv, linear, attn_qk, attn_av) and removes it from the others.
+It is the one writer of ``fxq.qspec``: other passes that change a node's precision call :func:`assign_qspec`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import torch.fx
 
 from fxq.passes.pass_manager import PassResult
 from fxq.quant import QSpec, parse_policy
-
-QUANTIZABLE_ROLES = ("conv", "linear", "attn_qk", "attn_av")
+from fxq.roles import QUANTIZABLE_ROLES
 
 #: Module-path patterns and the policy they get instead of the uniform one (None = stay float).
 #: Heads stay float (FQ-DETR, Q-DETR); Deformable DETR's sampling geometry stays float (a small error in a
@@ -33,6 +33,14 @@ DEFAULT_OVERRIDES: dict[str, str | None] = {
 def quantizable_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     """Nodes of ``gm`` that fxq can quantize, in graph order."""
     return [n for n in gm.graph.nodes if n.meta.get("fxq.role") in QUANTIZABLE_ROLES]
+
+
+def assign_qspec(node: torch.fx.Node, spec: QSpec | None) -> None:
+    """Set how ``node`` is quantized (``fxq.qspec``); None keeps it float (removes the annotation)."""
+    if spec is None:
+        node.meta.pop("fxq.qspec", None)
+    else:
+        node.meta["fxq.qspec"] = spec
 
 
 def _override_for(module: str, overrides: Mapping[str, str | QSpec | None]) -> tuple[bool, str | QSpec | None]:
@@ -60,11 +68,10 @@ def annotate_policy(gm: torch.fx.GraphModule, policy: str | QSpec = "W8A8",
     base = _as_spec(policy, **fields)
     counts = {"quantized": 0, "float": 0}
     for node in gm.graph.nodes:
-        node.meta.pop("fxq.qspec", None)
+        assign_qspec(node, None)
     for node in quantizable_nodes(gm):
         matched, special = _override_for(node.meta.get("fxq.module", ""), overrides)
         spec = _as_spec(special, **fields) if matched else base
-        if spec is not None:
-            node.meta["fxq.qspec"] = spec
+        assign_qspec(node, spec)
         counts["quantized" if spec is not None else "float"] += 1
     return PassResult(gm, False, counts)

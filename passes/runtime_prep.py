@@ -2,15 +2,18 @@
 
 ORT CPU fuses a quantized convolution into QLinearConv only when its output is quantized too (an output
 QuantizeLinear, possibly behind a Relu that the quantizer's zero-point makes redundant), and it then adds the
-bias in int32 with scale s_x·s_w (:mod:`fxq.backends.capabilities` lists these facts, verified by tests).
+bias in int32 with scale s_x·s_w (:mod:`fxq.backends.capabilities` lists these facts, verified by tests). A
+target's profile (:class:`fxq.targets.TargetProfile`) says which of this it needs: ``conv_needs_output_q``
+(with ``output_quantizer_bits``, B below) and ``int32_conv_bias``; each pass refuses a target that does not.
 fxq's default quantizer placement quantizes the inputs of conv/linear/attention nodes only, so the lowering
 alone cannot give such convolutions an integer kernel at the graph's numerics. Two passes change the graph so
 that it can, and so that the PyTorch fake-quant graph stays the exact reference of what the runtime computes:
 
 - :func:`insert_output_quantizers` (before calibration): every weight-quantized conv whose output (or the
-  output of its one Relu) does not go to a single 8-bit activation quantizer gets one: an existing 8-bit
-  quantizer of that tensor is shared by all its readers, otherwise a new unsigned 8-bit quantizer is
-  inserted (``<node>_oq8``; signed when the conv's QSpec has symmetric activations). With ``residual_adds``
+  output of its one Relu) does not go to a single B-bit activation quantizer gets one (B = 8 on ORT CPU;
+  "B-bit" counts every quantizer stored in the same integer type, e.g. 5–8 bits for B = 8): an existing
+  B-bit quantizer of that tensor is shared by all its readers, otherwise a new unsigned B-bit quantizer is
+  inserted (``<node>_oq<B>``; signed when the conv's QSpec has symmetric activations). With ``residual_adds``
   (default) every add reading such an output quantizer gets both inputs and its (Relu's) output quantized
   the same way, so that ORT runs it as QLinearAdd and the backbone stays in u8 NHWC from conv to conv
   (measured on DETR-R50 at 256², 1 thread: 9% faster than without). Residual adds then read quantized
@@ -19,10 +22,11 @@ that it can, and so that the PyTorch fake-quant graph stays the exact reference 
   fake-quantized to int32 with scale s_x·s_w, as ORT's fused kernel adds it (``<node>_bq32`` nodes).
 
 Reads ``fxq.role``, ``fxq.qspec``, ``fxq.quantizer``, ``fxq.quantized_inputs``, ``fxq.module``. Writes new
-quantizer nodes (role ``quantize``, ``fxq.quantizer`` kind ``activation`` with ``"output": True``), bias
-quantizer nodes (role ``bias_quantize``, ``fxq.bias_quantizer`` = {"of", "input", "weight"}), and on the
-conv nodes ``fxq.output_quantizer`` (its node name), ``fxq.output_quantizer_action`` ("kept": it already had
-one; "shared": other readers now read it too; "inserted") and ``fxq.quantized_inputs["bias"]``.
+quantizer nodes (role ``quantize``, ``fxq.quantizer`` kind ``activation``), bias quantizer nodes (role
+``bias_quantize``, ``fxq.bias_quantizer`` = {"of", "input", "weight"}), and on the conv nodes
+``fxq.output_quantizer`` (its node name), ``fxq.output_quantizer_action`` ("kept": it already had one;
+"shared": other readers now read it too; "inserted") and ``fxq.quantized_inputs["bias"]`` (the quantizer
+annotations through :func:`fxq.passes.insert_quant.annotate_quantizer` / ``record_inputs``).
 """
 
 from __future__ import annotations
@@ -31,31 +35,37 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxq import meta
 from fxq.errors import InputError
-from fxq.passes.insert_quant import QUANT_ROOT
+from fxq.passes.insert_quant import QUANT_ROOT, annotate_quantizer, record_inputs
 from fxq.passes.pass_manager import PassResult
 from fxq.quant import FakeQuantizer, QSpec, QuantMode
-
-#: Runtimes whose fused conv kernels need the graph changes above.
-RUNTIMES = ("ort-cpu",)
-OUTPUT_BITS = 8
-INT32 = (-(2**31), 2**31 - 1)
+from fxq.quant.numerics import bias_scale, int32_bias
+from fxq.roles import BIAS_QUANTIZE, QUANTIZE
+from fxq.targets import TARGETS, TargetProfile, target_profile
 
 
-def _check_runtime(runtime: str) -> None:
-    if runtime not in RUNTIMES:
-        raise InputError(f"runtime {runtime!r} needs no graph preparation known to fxq; use one of {RUNTIMES}")
+def _profile(target: str | TargetProfile, flag: str) -> TargetProfile:
+    """The profile of ``target``; InputError when its ``flag`` says it needs no such preparation."""
+    profile = target_profile(target)
+    if not getattr(profile, flag):
+        needing = [name for name, p in TARGETS.items() if getattr(p, flag)]
+        raise InputError(f"runtime target {profile.name!r} needs no such graph preparation ({flag} is False); "
+                         f"it is for {', '.join(needing) or 'no known target'}")
+    return profile
 
 
 def _is_quantizer(node: torch.fx.Node) -> bool:
-    return node.op == "call_module" and node.meta.get("fxq.role") == "quantize"
+    return node.op == "call_module" and node.meta.get("fxq.role") == QUANTIZE
 
 
-def _eight_bit_activation(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+def _output_width(gm: torch.fx.GraphModule, node: torch.fx.Node, bits: int) -> bool:
+    """Whether ``node`` is an activation quantizer stored in the ``bits``-bit type (ONNX's integer types
+    double in width: 4, 8, 16, so bits // 2 < its bits <= bits)."""
     if not _is_quantizer(node) or node.meta.get("fxq.quantizer", {}).get("kind") == "weight":
         return False
     q = gm.get_submodule(node.target)
-    return isinstance(q, FakeQuantizer) and q.qrange.storage_bits == OUTPUT_BITS
+    return isinstance(q, FakeQuantizer) and bits // 2 < q.qrange.bits <= bits
 
 
 def _unsigned(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -76,43 +86,42 @@ def _terminal(node: torch.fx.Node, spec: QSpec) -> torch.fx.Node:
     return node
 
 
-def _already_fused(gm: torch.fx.GraphModule, terminal: torch.fx.Node) -> bool:
+def _already_fused(gm: torch.fx.GraphModule, terminal: torch.fx.Node, bits: int) -> bool:
     users = list(terminal.users)
-    return len(users) == 1 and _eight_bit_activation(gm, users[0]) and (
+    return len(users) == 1 and _output_width(gm, users[0], bits) and (
         terminal.meta.get("fxq.role") != "relu" or _unsigned(gm, users[0]))
 
 
-def _new_quantizer(gm: torch.fx.GraphModule, owner: torch.fx.Node, src: torch.fx.Node, spec: QSpec) -> torch.fx.Node:
-    quantizer = FakeQuantizer(OUTPUT_BITS, symmetric=spec.a_symmetric, observer=spec.a_observer)
-    name = f"{src.name}_oq{OUTPUT_BITS}"
+def _new_quantizer(gm: torch.fx.GraphModule, owner: torch.fx.Node, src: torch.fx.Node, spec: QSpec,
+                   bits: int) -> torch.fx.Node:
+    quantizer = FakeQuantizer(bits, symmetric=spec.a_symmetric, observer=spec.a_observer)
+    name = f"{src.name}_oq{bits}"
     gm.add_submodule(f"{QUANT_ROOT}.{name}", quantizer)
     with gm.graph.inserting_after(src):
         node = gm.graph.call_module(f"{QUANT_ROOT}.{name}", (src,))
     module = owner.meta.get("fxq.module", "")
     quantizer.name = f"output quantizer {node.name!r} of node {src.name!r} ({module or 'root'})"
-    node.meta.update({"fxq.role": "quantize", "fxq.module": module, "fxq.shape": src.meta.get("fxq.shape"),
-                      "fxq.params": 0, "fxq.macs": 0,
-                      "fxq.quantizer": {"kind": "activation", "of": src.name, "param": None, "output": True}})
+    annotate_quantizer(node, src, "activation", module)
     return node
 
 
-def _shared_quantizer(gm: torch.fx.GraphModule, src: torch.fx.Node) -> torch.fx.Node | None:
-    """An 8-bit activation quantizer already reading ``src`` (unsigned when ``src`` is a Relu)."""
+def _shared_quantizer(gm: torch.fx.GraphModule, src: torch.fx.Node, bits: int) -> torch.fx.Node | None:
+    """A ``bits``-bit activation quantizer already reading ``src`` (unsigned when ``src`` is a Relu)."""
     relu = src.meta.get("fxq.role") == "relu"
-    return next((u for u in src.users if _eight_bit_activation(gm, u) and (not relu or _unsigned(gm, u))), None)
+    return next((u for u in src.users if _output_width(gm, u, bits) and (not relu or _unsigned(gm, u))), None)
 
 
-def _quantize_output(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: QSpec) -> str:
-    """Give ``node`` one 8-bit output quantizer that all readers of its (Relu's) output share."""
+def _quantize_output(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: QSpec, bits: int) -> str:
+    """Give ``node`` one ``bits``-bit output quantizer that all readers of its (Relu's) output share."""
     terminal = _terminal(node, spec)
-    if _already_fused(gm, terminal):
+    if _already_fused(gm, terminal, bits):
         node.meta.update({"fxq.output_quantizer": next(iter(terminal.users)).name,
                           "fxq.output_quantizer_action": "kept"})
         return "kept"
-    q = _shared_quantizer(gm, terminal)
+    q = _shared_quantizer(gm, terminal, bits)
     action = "shared" if q is not None else "inserted"
     if q is None:
-        q = _new_quantizer(gm, node, terminal, spec)
+        q = _new_quantizer(gm, node, terminal, spec, bits)
     for user in [u for u in terminal.users if u is not q]:
         user.replace_input_with(terminal, q)
     node.meta.update({"fxq.output_quantizer": q.name, "fxq.output_quantizer_action": action})
@@ -132,29 +141,30 @@ def _residual_adds(gm: torch.fx.GraphModule, specs: dict[str, QSpec]) -> list[tu
     return found
 
 
-def _quantize_add(gm: torch.fx.GraphModule, add: torch.fx.Node, spec: QSpec) -> str:
+def _quantize_add(gm: torch.fx.GraphModule, add: torch.fx.Node, spec: QSpec, bits: int) -> str:
     """Quantize both inputs and the output of a residual add, as QLinearAdd reads and writes them."""
     for src in [a for a in add.args[:2] if isinstance(a, torch.fx.Node)]:
-        if not _eight_bit_activation(gm, src):
-            q = _shared_quantizer(gm, src) or _new_quantizer(gm, add, src, spec)
+        if not _output_width(gm, src, bits):
+            q = _shared_quantizer(gm, src, bits) or _new_quantizer(gm, add, src, spec, bits)
             add.replace_input_with(src, q)
-    return _quantize_output(gm, add, spec)
+    return _quantize_output(gm, add, spec, bits)
 
 
-def insert_output_quantizers(gm: torch.fx.GraphModule, runtime: str = "ort-cpu",
+def insert_output_quantizers(gm: torch.fx.GraphModule, target: str | TargetProfile = "ort-cpu",
                              residual_adds: bool = True) -> PassResult:
-    """Quantize the output of every weight-quantized conv and, with ``residual_adds``, the inputs and output
-    of the adds that read such outputs (see the module docstring); run before calibration."""
-    _check_runtime(runtime)
+    """Quantize the output of every weight-quantized conv to the ``target``'s output-quantizer bits and, with
+    ``residual_adds``, the inputs and output of the adds that read such outputs (see the module docstring);
+    run before calibration. InputError for a target that fuses convs without output quantizers."""
+    bits = _profile(target, "conv_needs_output_q").output_quantizer_bits
     counts = {"kept": 0, "shared": 0, "inserted": 0, "adds": 0}
     specs = {}
     for conv in _quantized_convs(gm):
         spec = conv.meta["fxq.qspec"]
-        counts[_quantize_output(gm, conv, spec)] += 1
+        counts[_quantize_output(gm, conv, spec, bits)] += 1
         specs[conv.meta["fxq.output_quantizer"]] = spec
     if residual_adds:
         for add, spec in _residual_adds(gm, specs):
-            _quantize_add(gm, add, spec)
+            _quantize_add(gm, add, spec, bits)
             counts["adds"] += 1
     gm.graph.lint()
     gm.recompile()
@@ -177,11 +187,11 @@ class BiasQuantizer(nn.Module):
         if not (x_q.is_calibrated and w_q.is_calibrated):
             raise InputError("bias quantization needs calibrated input and weight quantizers: run "
                              "fxq.passes.calibrate.calibrate(gm, loader) before quantize_biases")
-        return (x_q.scale.detach().float() * w_q.scale.detach().float()).reshape(-1)
+        return bias_scale(x_q.scale.detach(), w_q.scale.detach())
 
     def forward(self, bias: torch.Tensor) -> torch.Tensor:
         scale = self.scale()
-        return torch.clamp(torch.round(bias / scale), *INT32) * scale
+        return int32_bias(bias, scale) * scale
 
 
 def _bias_sources(gm: torch.fx.GraphModule, conv: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
@@ -197,10 +207,10 @@ def _active(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return gm.get_submodule(node.target).mode is QuantMode.QUANTIZE
 
 
-def quantize_biases(gm: torch.fx.GraphModule, runtime: str = "ort-cpu") -> PassResult:
+def quantize_biases(gm: torch.fx.GraphModule, target: str | TargetProfile = "ort-cpu") -> PassResult:
     """Fake-quantize the bias of every conv whose input and weight are quantized to int32 (scale s_x·s_w);
-    run after calibration."""
-    _check_runtime(runtime)
+    run after calibration. InputError for a target that does not add conv biases in int32."""
+    _profile(target, "int32_conv_bias")
     done = 0
     for conv in _quantized_convs(gm):
         sources = _bias_sources(gm, conv)
@@ -214,11 +224,11 @@ def quantize_biases(gm: torch.fx.GraphModule, runtime: str = "ort-cpu") -> PassR
         bias = conv.args[2]
         with gm.graph.inserting_before(conv):
             node = gm.graph.call_module(f"{QUANT_ROOT}.{name}", (bias,))
-        node.meta.update({"fxq.role": "bias_quantize", "fxq.module": conv.meta.get("fxq.module", ""),
-                          "fxq.params": 0, "fxq.macs": 0, "fxq.shape": bias.meta.get("fxq.shape"),
-                          "fxq.bias_quantizer": {"of": conv.name, "input": x_node.name, "weight": w_node.name}})
+        meta.annotate_inserted(node, BIAS_QUANTIZE, conv.meta.get("fxq.module", ""), bias.meta.get("fxq.shape"))
+        node.meta["fxq.bias_quantizer"] = {"of": conv.name, "input": x_node.name, "weight": w_node.name}
         conv.replace_input_with(bias, node)
-        conv.meta["fxq.quantized_inputs"] = {**conv.meta["fxq.quantized_inputs"], "bias": node.name}
+        record = conv.meta["fxq.quantized_inputs"]
+        record_inputs(conv, record["weight"], record["inputs"], bias=node.name)
         done += 1
     gm.graph.lint()
     gm.recompile()

@@ -16,8 +16,8 @@ import torch
 import torch.fx
 
 from fxq.errors import InputError
+from fxq.roles import WEIGHT_ROLES
 
-WEIGHT_ROLES = ("conv", "linear")
 _SLICE = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
 
 

@@ -166,6 +166,8 @@ def test_argument_errors(chain):
         allocate_bits(chain, (1, 4), 4.0)
     with pytest.raises(fxq.InputError, match="no latency for node 'conv'"):
         allocate_bits(chain, CANDIDATES, 4.0, "latency", latency_table={})
+    with pytest.raises(fxq.InputError, match="needs latency_table"):
+        allocate_bits(chain, CANDIDATES, 4.0, "latency")
     with pytest.raises(fxq.InputError, match="not being allocated"):
         allocate_bits(chain, CANDIDATES, 4.0, tie_groups=[["a", "images"]])
     chain.graph.find_nodes(op="call_module", target="e")[0].meta.pop("fxq.qspec")

@@ -12,8 +12,8 @@ from conftest import DATA
 
 import fxq
 from fxq.backends import available_providers
-from fxq.backends.bench import NodeTime, fx_node_ms, latency_table, node_times, time_calls, time_onnx
-from fxq.backends.bench_variants import ROWS, bench_images
+from fxq.bench.suite import ROWS, bench_images
+from fxq.bench.timing import NodeTime, fx_node_ms, latency_table, node_times, time_calls, time_onnx
 from fxq.cli import main
 from fxq.passes.allocate import load_latency_table
 from fxq.passes.insert_quant import insert_quantizers

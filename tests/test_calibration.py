@@ -272,13 +272,84 @@ def test_nan_refused_by_every_observer(method):
         obs.update(torch.tensor([1.0, float("nan")]))
 
 
-def test_graph_inputs_follow_the_graph_to_its_device():
+def test_model_batch_follows_the_model_to_its_device():
     """Loader batches are moved to the device of the graph's parameters (here the meta device)."""
-    from fxq.passes.calibrate import graph_inputs
+    from fxq.tracing import model_batch
 
     gm = torch.fx.symbolic_trace(torch.nn.Conv2d(3, 4, 3)).to("meta")
     images, mask = torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.bool)
-    (moved,) = graph_inputs(gm, (images, mask, []))
+    (moved,) = model_batch(gm, (images, mask, [{}, {}])).inputs
     assert moved.device.type == "meta" and images.device.type == "cpu"
     gm.takes_mask = True
-    assert [t.device.type for t in graph_inputs(gm, (images, mask, []))] == ["meta", "meta"]
+    assert [t.device.type for t in model_batch(gm, (images, mask, [{}, {}])).inputs] == ["meta", "meta"]
+
+
+class _MaskedNet(torch.nn.Module):
+    """An eager detector-like module taking (images, mask): it returns both so the test sees what it got."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.conv(images)
+        return out if mask is None else out * (~mask)[:, None]
+
+
+def _batch(sizes=((8, 8), (8, 8))):
+    from fxq.data import collate
+
+    g = torch.Generator().manual_seed(0)
+    return collate([(torch.randn(3, *hw, generator=g), {"labels": torch.tensor([0]), "boxes": torch.rand(1, 4)})
+                    for hw in sizes])
+
+
+def test_model_batch_gives_each_model_the_inputs_its_forward_takes():
+    import fxq
+    from fxq.tracing import model_batch, takes_mask
+
+    eager = _MaskedNet()
+    images_only = fxq.trace(eager, torch.zeros(1, 3, 8, 8))  # graphs share the eager module's weights
+    with_mask = fxq.trace(eager, (torch.zeros(1, 3, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool)))
+    plain = torch.fx.symbolic_trace(_MaskedNet())  # a GraphModule that declares nothing: two placeholders
+    assert [takes_mask(m) for m in (eager, images_only, with_mask, plain)] == [True, False, True, True]
+    images, mask, targets = _batch()
+    for batch in ((images, mask, targets), (images, mask), [images, mask, targets]):
+        got = model_batch(eager, batch)
+        assert len(got.inputs) == 2 and got.inputs[0] is images and got.inputs[1] is mask
+        (only,) = model_batch(images_only, batch).inputs
+        assert only is images
+    for batch in (images, (images,), (images, targets), (images, None, targets)):
+        assert model_batch(images_only, batch).inputs == (images,)
+    got = model_batch(with_mask, (images, mask, targets), need_targets=True)
+    assert all(torch.equal(g["boxes"], t["boxes"]) for g, t in zip(got.targets, targets, strict=True))
+    assert torch.equal(with_mask(*got.inputs), eager(images, mask))
+    assert model_batch(images_only, (images, targets)).targets == targets
+
+
+def test_model_batch_refusals_name_the_cause():
+    import fxq
+    from fxq.tracing import model_batch
+
+    images_only = fxq.trace(_MaskedNet(), torch.zeros(1, 3, 8, 8))
+    images, mask, targets = _batch()
+    with pytest.raises(InputError, match="batch 3: _MaskedNet takes a padding mask .* has none"):
+        model_batch(_MaskedNet(), images, index=3)
+    with pytest.raises(InputError, match="needs ground truth"):
+        model_batch(images_only, (images, mask), need_targets=True)
+    with pytest.raises(InputError, match="2 images but 1 target dicts"):
+        model_batch(images_only, (images, mask, targets[:1]), need_targets=True)
+    with pytest.raises(InputError, match="bool tensor of shape"):
+        model_batch(_MaskedNet(), (images, mask.float(), targets))
+    with pytest.raises(InputError, match="a batch must be"):
+        model_batch(images_only, {"images": images})
+    bad = images.clone()
+    bad[1, 0, 0, 0] = float("inf")
+    with pytest.raises(InputError, match=r"batch 0: images \[1\] hold NaN/inf"):
+        model_batch(images_only, (bad, mask, targets), index=0)
+    padded = _batch(((8, 8), (8, 6)))
+    assert padded[1].any()
+    with pytest.raises(InputError, match="padded .*takes no padding mask"):
+        model_batch(images_only, padded, need_targets=True)
+    assert model_batch(images_only, padded).inputs == (padded[0],)  # calibration sees padded images as they are
+    assert len(model_batch(_MaskedNet(), padded, need_targets=True).inputs) == 2  # a model with a mask is fine

@@ -14,14 +14,14 @@ from onnx import TensorProto, helper
 from torch import nn
 
 import fxq
-from fxq.backends import LoweringError, OrtSession, lower_to_onnx, pack_int4, unpack_int4
-from fxq.backends.qtensor import integer_tensor
+from fxq.backends import LoweringError, OrtSession, lower_for_runtime, lower_to_onnx, pack_int4, unpack_int4
+from fxq.backends.qtensor import integer_tensor, onnx_type, storage_bits, type_name
 from fxq.models import attention
 from fxq.passes.calibrate import calibrate
 from fxq.passes.insert_quant import insert_quantizers, quantizers
 from fxq.passes.policy import annotate_policy
 from fxq.quant import FakeQuantizer, QSpec, parse_policy
-from fxq.quant.numerics import IntRange
+from fxq.quant.numerics import INT32, SUPPORTED_BITS, IntRange
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-val2017-fixture"
 if not FIXTURE.is_dir():
@@ -368,6 +368,66 @@ def test_ort_dequantizes_packed_int4_initializer(bits, signed, per_channel):
     got = session.run(None, {})[0]
     expected = (values - zp.reshape(-1, 1)) * scale.reshape(-1, 1)
     np.testing.assert_array_equal(got, expected.astype(np.float32))
+
+
+# -- storage types -----------------------------------------------------------------------------------------
+
+_INT_TYPES = [TensorProto.INT4, TensorProto.UINT4, TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16,
+              TensorProto.UINT16, TensorProto.INT32]
+
+
+def _width_and_range(data_type: int) -> tuple[int, int, int]:
+    """(bits, min, max) of an ONNX integer element type, from ONNX's spec (4-bit) and numpy's iinfo."""
+    if data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return (4, -8, 7) if data_type == TensorProto.INT4 else (4, 0, 15)
+    info = np.iinfo(helper.tensor_dtype_to_np_dtype(data_type))
+    return info.bits, int(info.min), int(info.max)
+
+
+@pytest.mark.parametrize("min_bits", [4, 8])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_storage_type_is_the_narrowest_onnx_type_holding_the_range(bits, signed, min_bits):
+    qrange = IntRange.of(bits, signed)
+    chosen = onnx_type(qrange, min_bits)
+    width, low, high = _width_and_range(chosen)
+    assert low <= qrange.qmin and qrange.qmax <= high and width >= min_bits
+    assert (low < 0) == signed
+    narrower = [t for t in _INT_TYPES if (_width_and_range(t)[1] < 0) == signed
+                and min_bits <= _width_and_range(t)[0] < width]
+    assert not [t for t in narrower if _width_and_range(t)[1] <= qrange.qmin and qrange.qmax <= _width_and_range(t)[2]]
+    assert storage_bits(qrange, min_bits) == width
+    assert type_name(qrange, min_bits) == TensorProto.DataType.Name(chosen).lower()
+
+
+def test_int32_bias_range_is_stored_int32():
+    values = np.array([INT32.qmin, -1, 0, 7, INT32.qmax])
+    tensor = integer_tensor("b", values, INT32)
+    assert tensor.data_type == TensorProto.INT32
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), values)
+    with pytest.raises(fxq.InputError, match="no ONNX integer type stores unsigned 16-bit values at 32 bits"):
+        storage_bits(IntRange.of(16, False), min_bits=32)
+
+
+def test_runtime_lowering_stores_narrow_activations_in_eight_bits(tmp_path):
+    """ort-cpu's choice (no 4-bit activation kernel) reaches the storage: 4-bit activations get 8-bit
+    zero-points and a Clip before QuantizeLinear, 4-bit weights stay int4; the plain lowering keeps uint4."""
+    gm, _, images = quantized_tiny("W4A4")
+    lower_to_onnx(gm, images, tmp_path / "plain.onnx")
+    lower_for_runtime(gm, images, tmp_path / "ort.onnx", verify=False)
+    own = {f"{name}/QuantizeLinear" for name in quantizers(gm)}  # not the stem's space-to-depth re-quantization
+    for path, zero_point_type in (("plain.onnx", TensorProto.UINT4), ("ort.onnx", TensorProto.UINT8)):
+        model = onnx.load(tmp_path / path)
+        inits = {t.name: t for t in model.graph.initializer}
+        producers = {o: n for n in model.graph.node for o in n.output}
+        quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+        assert quantize and {inits[n.input[2]].data_type for n in quantize} == {zero_point_type}
+        clipped = [producers.get(n.input[0]) is not None and producers[n.input[0]].op_type == "Clip" for n in quantize
+                   if n.name in own]
+        assert len(clipped) >= 5
+        assert all(clipped) if zero_point_type == TensorProto.UINT8 else not any(clipped)
+        weights = [t for name, t in inits.items() if name.endswith("/quantized")]
+        assert weights and {t.data_type for t in weights} == {TensorProto.INT4}
 
 
 def test_cli_export(tmp_path, capsys):

@@ -6,6 +6,7 @@ torchrun test.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -215,6 +216,90 @@ def test_bad_checkpoint_files(tmp_path):
     with pytest.raises(CheckpointError, match="not a fxq training checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+# ---------------------------------------------------------------- traced graphs (images only)
+
+DETR_SIZE = 64
+
+
+def detr_boxes(n: int = 2, seed: int = 0, sizes=None) -> list:
+    """(image, target) pairs for detr_tiny (25 classes): same-size images unless ``sizes`` says otherwise."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = sizes or [(DETR_SIZE, DETR_SIZE)] * n
+    return [(torch.randn(3, *size, generator=g),
+             {"labels": torch.randint(0, 25, (2,), generator=g), "boxes": torch.rand(2, 4, generator=g) * 0.3 + 0.3})
+            for size in sizes]
+
+
+@pytest.fixture(scope="module")
+def detr_tiny():
+    import fxq
+    from fxq.models import build
+
+    eager = build("detr_tiny", seed=0)
+    eager.aux_loss = False  # as the traced graph (traced without aux outputs)
+    graph = fxq.trace(copy.deepcopy(eager), torch.zeros(1, 3, DETR_SIZE, DETR_SIZE))
+    assert not graph.takes_mask
+    return eager, graph
+
+
+def train_logged(model, data, out_dir, epochs: int, lr: float = 1e-3) -> list[float]:
+    """Train ``model`` with fxq's own collate (unpadded for same-size images); the loss of every step."""
+    cfg = TrainConfig(epochs=epochs, batch_size=2, lr=lr, lr_backbone=lr, ckpt_every=0, progress=False)
+    losses = []
+    train(model, build_criterion("sigmoid", aux=False), data, cfg, out_dir,
+          on_step=lambda step, scalars: losses.append(scalars["loss"]))
+    return losses
+
+
+def test_trains_an_images_only_traced_graph(detr_tiny, tmp_path):
+    graph = copy.deepcopy(detr_tiny[1]).train()
+    before = {k: v.clone() for k, v in graph.state_dict().items()}
+    losses = train_logged(graph, detr_boxes(), tmp_path, epochs=4)
+    assert len(losses) == 4 and losses[-1] < 0.7 * losses[0]
+    changed = [k for k, p in graph.named_parameters() if not torch.equal(p.detach(), before[k])]
+    assert len(changed) == len(list(graph.parameters()))
+
+
+def test_traced_graph_trains_as_the_eager_model(detr_tiny, tmp_path):
+    """Same data, seed and config: the images-only graph's steps have the eager model's (images, mask) losses
+    and gradients (the batches are unpadded, so the eager model's all-False mask changes nothing)."""
+    eager, graph = (copy.deepcopy(m).train() for m in detr_tiny)
+    data = detr_boxes()
+    eager_losses = train_logged(eager, data, tmp_path / "eager", epochs=2)
+    graph_losses = train_logged(graph, data, tmp_path / "graph", epochs=2)
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-5)
+    eager_params, graph_params = dict(eager.named_parameters()), dict(graph.named_parameters())
+    assert eager_params.keys() == graph_params.keys()
+    for name, p in eager_params.items():  # the last step's (clipped) gradients, and the weights after it
+        assert torch.allclose(graph_params[name].grad, p.grad, rtol=1e-4, atol=1e-8), name
+        assert torch.allclose(graph_params[name], p, rtol=1e-4, atol=1e-7), name
+
+
+def test_padded_batch_for_an_images_only_graph_is_refused(detr_tiny, tmp_path):
+    graph = copy.deepcopy(detr_tiny[1]).train()
+    padded = detr_boxes(sizes=[(DETR_SIZE, DETR_SIZE), (DETR_SIZE, DETR_SIZE - 16)])
+    with pytest.raises(InputError, match=r"batch 0: the batch is padded .*fxq\.trace\(model, \(images, mask\)\)"):
+        train_logged(graph, padded, tmp_path, epochs=1)
+
+
+def test_a_criterion_that_takes_the_step_gets_it(tmp_path):
+    steps = []
+
+    class StepCriterion:
+        takes_step = True
+
+        def __init__(self):
+            self.inner = SetCriterion()
+
+        def __call__(self, outputs, targets, step=None):
+            steps.append(step)
+            return self.inner(outputs, targets)
+
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, ckpt_every=0, progress=False)
+    train(make_model(), StepCriterion(), SyntheticBoxes(n=8), cfg, tmp_path, collate_fn=collate)
+    assert steps == [0, 1, 2, 3]
 
 
 # ---------------------------------------------------------------- torchrun, 2 processes

@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from fxq.backends.bench_variants import check_rows
+    from fxq.bench.suite import check_rows
     from fxq.errors import InputError
 
     if args.images is None or not Path(args.images).is_dir():
@@ -85,8 +85,8 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fxq.backends.bench_results import write_results
-    from fxq.backends.bench_suite import BenchConfig, run_bench
+    from fxq.bench.results import write_results
+    from fxq.bench.suite import BenchConfig, run_bench
     from fxq.io import write_json
 
     _check(args)

@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     preds = parser.add_mutually_exclusive_group(required=True)
     preds.add_argument("--predictions", help="COCO results JSON to score")
     preds.add_argument("--model", help="model name for fxq.models.build, run over the images")
+    preds.add_argument("--qat", metavar="RUN", help="a finished `fxq qat` run folder: its quantized student, run "
+                       "over the images at the size it was trained at")
     parser.add_argument("--checkpoint", help="checkpoint for --model (default: the embedded "
                         "weights, else random weights drawn with seed 0)")
     parser.add_argument(
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
             "ann_file": str(ann_file),
             "predictions": args.predictions,
             "model": args.model,
+            "qat": args.qat,
             "checkpoint": args.checkpoint,
             "critical": args.critical,
             **metrics,
@@ -86,8 +89,10 @@ def _ground_truth(args: argparse.Namespace) -> tuple[Path, Path | None]:
 def _check_args(args: argparse.Namespace, image_dir: Path | None) -> None:
     if args.checkpoint and not args.model:
         raise InputError("--checkpoint goes with --model")
-    if args.model and (image_dir is None or not image_dir.is_dir()):
-        raise InputError(f"--model needs the images: pass --data or --images (got {image_dir})")
+    if (args.model or args.qat) and (image_dir is None or not image_dir.is_dir()):
+        raise InputError(f"--model/--qat need the images: pass --data or --images (got {image_dir})")
+    if args.checkpoint and args.qat:
+        raise InputError("--checkpoint goes with --model; a --qat run holds its own weights")
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise InputError(f"folder of --out {args.out} does not exist: create it or choose another path")
 
@@ -105,8 +110,14 @@ def _evaluate_model(
         from fxq.models import build
     except ImportError as exc:
         raise InputError(f"fxq.models.build is not available ({exc}): use --predictions instead") from exc
-    dataset = CocoDetection(image_dir, ann_file, transforms=eval_transforms(args.size, args.max_size))
-    model = build(args.model, checkpoint=args.checkpoint, seed=0)
+    if args.qat:
+        from fxq.qat import load_run
+
+        recipe, model = load_run(args.qat)
+        dataset = CocoDetection(image_dir, ann_file, transforms=eval_transforms(recipe.size))
+    else:
+        dataset = CocoDetection(image_dir, ann_file, transforms=eval_transforms(args.size, args.max_size))
+        model = build(args.model, checkpoint=args.checkpoint, seed=0)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=False, collate_fn=collate
     )

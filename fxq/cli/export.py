@@ -1,4 +1,6 @@
-"""``fxq export MODEL``: trace, quantize, calibrate on a COCO folder and lower to an ONNX QDQ model."""
+"""``fxq export MODEL``: trace, quantize and calibrate on a COCO folder (:func:`fxq.ptq.quantize_ptq`, prepared
+for ``--runtime`` when given) and lower to an ONNX QDQ model. ``fxq export --qat RUN`` lowers a finished
+``fxq qat`` run instead: its learned scales and integer zero-points, at the size it was trained at."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Trace MODEL, remove dropout, fold batch norm, annotate a precision policy, insert quantizers, "
                     "calibrate on the images of a COCO folder and lower to ONNX QDQ (int8 / int4); prints the "
                     "lowering report.")
-    p.add_argument("model", help="model name (see `fxq inspect --list`)")
+    p.add_argument("model", nargs="?", help="model name (see `fxq inspect --list`); not with --qat")
+    p.add_argument("--qat", metavar="RUN", help="lower this finished `fxq qat` run (no calibration: its learned "
+                   "quantizers; model, policy, size and runtime come from RUN/config.json)")
     p.add_argument("--policy", default="W8A8", help='precision policy, e.g. "W8A8", "W4A8", "4-4-8" (default W8A8)')
-    p.add_argument("--calib", required=True, help="COCO folder whose images calibrate the activations")
+    p.add_argument("--calib", help="COCO folder whose images calibrate the activations (not with --qat)")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--checkpoint", help="weights to load (official {'model': ...} file or plain state_dict; default: "
                    "the embedded weights, else random weights drawn with seed 0)")
@@ -34,6 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    if args.qat:
+        return _run_qat(args)
+    if not args.model or not args.calib:
+        from fxq.errors import InputError
+
+        raise InputError("give MODEL and --calib FOLDER (or --qat RUN to lower a QAT run)")
+
     from fxq.backends import lower_to_onnx
     from fxq.backends.capabilities import runtime_capabilities
     from fxq.backends.runtime_lower import lower_for_runtime
@@ -41,30 +52,19 @@ def run(args: argparse.Namespace) -> int:
     from fxq.errors import InputError
     from fxq.io import write_json
     from fxq.models import build
-    from fxq.passes.calibrate import calibrate
-    from fxq.passes.insert_quant import insert_quantizers
-    from fxq.passes.policy import annotate_policy
-    from fxq.passes.runtime_prep import RUNTIMES as PREPARED
-    from fxq.passes.runtime_prep import insert_output_quantizers, quantize_biases
-    from fxq.ptq import float_graph
+    from fxq.ptq import float_graph, quantize_ptq
 
     h, w = args.size
     if h < 32 or w < 32:
         raise InputError(f"--size {h} {w} is too small: DETR backbones downsample by 32, use at least 32 32")
+    if args.runtime:
+        runtime_capabilities(args.runtime)  # an unknown or uninstalled runtime fails before calibration
     data = CocoDetection.from_folder(args.calib, transforms=eval_transforms(min(h, w), max(h, w)))
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, collate_fn=collate)
     example = torch.zeros(1, 3, h, w)
-    gm = float_graph(build(args.model, checkpoint=args.checkpoint, seed=0), (h, w))
-    annotate_policy(gm, args.policy)
-    insert_quantizers(gm)
+    float_gm = float_graph(build(args.model, checkpoint=args.checkpoint, seed=0), (h, w))
+    gm = quantize_ptq(float_gm, loader, args.policy, target=args.runtime, num_batches=args.calib_batches)
     if args.runtime:
-        runtime_capabilities(args.runtime)  # an unknown or uninstalled runtime fails before calibration
-        if args.runtime in PREPARED:
-            insert_output_quantizers(gm, args.runtime)
-    calibrate(gm, loader, num_batches=args.calib_batches)
-    if args.runtime:
-        if args.runtime in PREPARED:
-            quantize_biases(gm, args.runtime)
         report = lower_for_runtime(gm, example, args.out, args.runtime, opset=args.opset, dynamic=not args.static)
     else:
         report = lower_to_onnx(gm, example, args.out, opset=args.opset, dynamic=not args.static)
@@ -72,4 +72,34 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, {"model": args.model, "policy": args.policy, "size": [h, w], "runtime": args.runtime,
                                **report.to_dict()})
+    return 0
+
+
+def _run_qat(args: argparse.Namespace) -> int:
+    import torch
+
+    from fxq.backends import lower_to_onnx
+    from fxq.backends.runtime_lower import lower_for_runtime
+    from fxq.errors import InputError
+    from fxq.io import write_json
+    from fxq.qat import load_run
+
+    if args.model or args.calib:
+        raise InputError("--qat RUN takes model, policy and calibration from the run: drop MODEL and --calib")
+    recipe, student = load_run(args.qat)
+    runtime = args.runtime or recipe.target
+    if runtime != recipe.target:
+        raise InputError(f"--runtime {runtime}: the run {args.qat} was trained for runtime {recipe.target!r} "
+                         f"(its quantizer placement); export it with --runtime {recipe.target} or retrain with "
+                         f"fxq qat --runtime {runtime}" if recipe.target else
+                         f"--runtime {runtime}: the run {args.qat} was trained without runtime preparation; "
+                         f"export it without --runtime, or retrain it with fxq qat --runtime {runtime}")
+    example = torch.zeros(1, 3, recipe.size, recipe.size)
+    if runtime:
+        report = lower_for_runtime(student, example, args.out, runtime, opset=args.opset, dynamic=not args.static)
+    else:
+        report = lower_to_onnx(student, example, args.out, opset=args.opset, dynamic=not args.static)
+    print(report)
+    if args.json:
+        write_json(args.json, {"qat": args.qat, **recipe.to_dict(), **report.to_dict()})
     return 0

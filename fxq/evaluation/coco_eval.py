@@ -23,9 +23,9 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from fxq.data.coco import load_coco
-from fxq.device import module_device
 from fxq.errors import InputError
 from fxq.evaluation.postprocess import HEADS, postprocess, to_coco_results
+from fxq.tracing import model_batch
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -65,8 +65,9 @@ def evaluate_model(
     progress: bool = True,
     top_k: int = 100,
 ) -> dict:
-    """Run ``model(images, mask)`` over ``loader`` (batches of ``(images, mask, targets)``), post-process with
-    ``model.head`` and evaluate the images seen, as :func:`evaluate` (plus ``detections``, the COCO results).
+    """Run ``model`` over ``loader`` (batches of ``(images, mask, targets)``, fed as
+    :func:`fxq.tracing.model_batch` says: a graph traced with images only refuses padded batches), post-process
+    with ``model.head`` and evaluate the images seen, as :func:`evaluate` (plus ``detections``, the COCO results).
     """
     head = getattr(model, "head", None)
     if head not in HEADS:
@@ -83,15 +84,15 @@ def evaluate_model(
 
 
 def _predict(model: torch.nn.Module, loader: Iterable, head: str, progress: bool, top_k: int):
-    device = module_device(model)
     was_training = model.training
     model.eval()
     detections: list[dict] = []
     seen: list[int] = []
     try:
         with torch.inference_mode():
-            for images, mask, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
-                outputs = model(*_model_inputs(model, images.to(device), mask.to(device)))
+            for index, batch in enumerate(tqdm(loader, desc="eval", disable=not progress, leave=False)):
+                inputs, targets = model_batch(model, batch, need_targets=True, index=index)
+                outputs = model(*inputs)
                 sizes = torch.stack([t["orig_size"] for t in targets])
                 ids = [int(t["image_id"]) for t in targets]
                 detections += to_coco_results(postprocess(outputs, sizes, head, top_k), ids)
@@ -99,16 +100,6 @@ def _predict(model: torch.nn.Module, loader: Iterable, head: str, progress: bool
     finally:
         model.train(was_training)
     return detections, seen
-
-
-def _model_inputs(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor) -> tuple:
-    """(images, mask), or (images,) for a graph traced without a mask when the batch has no padding."""
-    if getattr(model, "takes_mask", True):
-        return images, mask
-    if mask.any():
-        raise InputError("this graph was traced without a padding mask but the batch is padded: evaluate with "
-                         "batch_size=1 or same-size images, or trace with fxq.trace(model, (images, mask))")
-    return (images,)
 
 
 def _load_detections(detections: Detections) -> list[dict]:

@@ -9,10 +9,22 @@ Modes (``quantizer.mode``):
 - ``"quantize"``: fake-quantizes; InputError when no scale has been calibrated or set.
 
 Parameters: ``scale`` (shape () per-tensor, (C,) per-channel) and ``zero_point`` (same shape, integer
-valued, float32) are buffers, or ``nn.Parameter`` when ``learnable`` (LSQ / LSQ+): round is
-straight-through, the scale's gradient is LSQ's, both scaled by 1/sqrt(n·Qp) where n is the number of
-elements sharing one scale and Qp = qmax; the zero-point is learnable for affine quantizers only.
-Symmetric quantizers have zero-point 0 and, unless ``signed=False``, the signed range.
+valued, float32) are buffers, or ``nn.Parameter`` when ``learnable`` (LSQ / LSQ+). Symmetric quantizers have
+zero-point 0 and, unless ``signed=False``, the signed range.
+
+Learning (x̂ = (clamp(round(x/s) + z, qmin, qmax) − z)·s, round straight-through, z rounded straight-through):
+
+    ∂x̂/∂s = round(x/s) − x/s inside the range,  qmin − z below it,  qmax − z above it      (LSQ)
+    ∂x̂/∂z = 0 inside the range,  −s outside it                         (LSQ+, with offset β = −z·s)
+
+both multiplied by LSQ's gradient scale g = 1/sqrt(N·Qp), Qp = qmax, N = ``grad_scale_numel`` when set, else
+the number of input elements sharing one scale (for activations that counts the whole batch;
+:func:`fxq.passes.prepare_qat.prepare_qat` sets the per-image count). The zero-point is learnable for affine
+quantizers only. Second-order gradients flow: the backward passes of the straight-through round and of the
+gradient scaling are differentiable torch ops, so ``torch.autograd.grad(..., create_graph=True)`` works
+through a quantizer (the Fisher-trace regularizer needs it). An optimiser step can leave the scale ≤ 0 or the
+zero-point outside the range: :meth:`FakeQuantizer.project_` puts them back (the forward also clamps the scale
+at :data:`MIN_LEARNABLE_SCALE`).
 """
 
 from __future__ import annotations
@@ -81,6 +93,8 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
         self.name = name
+        #: Elements sharing one scale in LSQ's gradient scale 1/sqrt(N·Qp); None: counted on each input.
+        self.grad_scale_numel: int | None = None
 
     @classmethod
     def from_qspec(
@@ -215,6 +229,14 @@ class FakeQuantizer(nn.Module):
             self._store("zero_point", self.zero_point.detach().clone(), learnable and not self.symmetric)
         return self
 
+    @torch.no_grad()
+    def project_(self) -> FakeQuantizer:
+        """Clamp the scale to >= MIN_LEARNABLE_SCALE and the zero-point into [qmin, qmax], in place."""
+        if self.is_calibrated:
+            self.scale.clamp_(min=MIN_LEARNABLE_SCALE)
+            self.zero_point.clamp_(self.qrange.qmin, self.qrange.qmax)
+        return self
+
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) as the exported QuantizeLinear uses them (zero-point rounded into range)."""
         self._require_calibrated()
@@ -245,7 +267,8 @@ class FakeQuantizer(nn.Module):
         self._require_calibrated()
         scale, zp = self.scale, self.zero_point
         if self.learnable:
-            factor = 1.0 / math.sqrt(x.numel() / scale.numel() * self.qrange.qmax)
+            numel = self.grad_scale_numel or x.numel() / scale.numel()
+            factor = 1.0 / math.sqrt(numel * self.qrange.qmax)
             scale = _GradScale.apply(scale, factor).clamp_min(MIN_LEARNABLE_SCALE)
             zp = _GradScale.apply(zp, factor) if zp.requires_grad else zp
         return fake_quantize(x, scale, zp, self.qrange, self.axis, self.observer.who)

@@ -3,15 +3,18 @@
     q = saturate(round_half_to_even(x / scale) + zero_point)    into [qmin, qmax]
     y = (q - zero_point) * scale
 
-The one implementation used by the fake quantizer and by every calibration search, so that a
-scale chosen by a search is judged with the numerics the exported model will run.
+The one implementation used by the fake quantizer, by every calibration search and by the lowering's
+integer weights (:func:`quantize_linear`), so that a scale chosen by a search is judged with the numerics the
+exported model will run. The int32 rounding of a bias with scale s_x·s_w (:func:`int32_bias`) is shared in
+the same way by the graph pass that fake-quantizes biases and the lowering that stores them.
 ``x / scale`` is a true division (torch's fake_quantize ops compute ``x * (1 / scale)``, which
-differs from ONNX Runtime by one step on a few elements per million — DESIGN.md §4).
+differs from ONNX Runtime by one step on a few elements per million — docs/METHODS.md, "Runtime facts").
 Exact parity with ONNX Runtime holds for float32 inputs and float32 scales.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +25,13 @@ from fxq.errors import InputError
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 
 
+#: Bounds of int32, the type of a bias stored with scale s_x·s_w.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
 @dataclass(frozen=True)
 class IntRange:
-    """The integer range [qmin, qmax] of a bit-width, signed or unsigned."""
+    """The integer range [qmin, qmax] of a bit-width, signed or unsigned (how it is stored is the backends')."""
 
     bits: int
     signed: bool
@@ -40,10 +47,9 @@ class IntRange:
             return cls(bits, True, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
         return cls(bits, False, 0, 2**bits - 1)
 
-    @property
-    def storage_bits(self) -> int:
-        """Width of the ONNX integer type that holds these values (4, 8 or 16)."""
-        return 4 if self.bits <= 4 else 8 if self.bits <= 8 else 16
+
+#: The range of an int32 bias (not a quantizer's bit-width, so not from :meth:`IntRange.of`).
+INT32 = IntRange(32, True, INT32_MIN, INT32_MAX)
 
 
 def normalize_axis(axis: int, shape: tuple[int, ...] | torch.Size, who: str = "quantizer") -> int:
@@ -114,5 +120,39 @@ def fake_quantize(
     s = _broadcast(scale, x, axis, who).to(device=x.device, dtype=x.dtype)
     z = _broadcast(zero_point, x, axis, who).to(device=x.device, dtype=x.dtype)
     z = torch.clamp(round_ste(z), qrange.qmin, qrange.qmax)
-    q = torch.clamp(round_ste(x / s) + z, qrange.qmin, qrange.qmax)
-    return (q - z) * s
+    return (quantize_linear(x, s, z, qrange) - z) * s
+
+
+def quantize_linear(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qrange: IntRange) -> torch.Tensor:
+    """ONNX QuantizeLinear into ``qrange``: ``saturate(round_half_to_even(x / scale) + zero_point)``.
+
+    ``scale`` and ``zero_point`` (integer-valued) broadcast against ``x``; the integers come back as floats of
+    ``x``'s dtype. The rounding's gradient passes straight through (zero outside the range).
+    """
+    return torch.clamp(round_ste(x / scale) + zero_point, qrange.qmin, qrange.qmax)
+
+
+def bias_scale(input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The scale s_x·s_w of an int32 bias, in float32 as ONNX Runtime computes it: one per output channel
+    (a single one when both are per-tensor)."""
+    return input_scale.float().reshape(-1) * weight_scale.float().reshape(-1)
+
+
+def int32_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The integers of ``bias`` stored int32 with ``scale`` (:func:`bias_scale`): round half to even of
+    ``bias / scale``, saturated to the int32 values that the division's dtype represents.
+
+    Returned as floats of that dtype (integer-valued); the rounding is straight-through (as in fake
+    quantization), so biases keep training in QAT graphs prepared for runtimes with int32 biases.
+    """
+    q = round_ste(bias / scale)
+    return torch.clamp(q, INT32_MIN, _largest_at_most(INT32_MAX, q.dtype))
+
+
+@functools.cache
+def _largest_at_most(bound: int, dtype: torch.dtype) -> float:
+    """The largest value of float ``dtype`` that is at most ``bound`` (2**31 - 1 is 2**31 in float32)."""
+    value = torch.tensor(float(bound), dtype=torch.float64).to(dtype)
+    if value.item() > bound:
+        value = torch.nextafter(value, torch.zeros((), dtype=dtype))
+    return value.item()

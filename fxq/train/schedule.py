@@ -15,7 +15,7 @@ SCHEDULES = ("step", "cosine")
 
 def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     """Multiplier of the base learning rates for optimizer step ``step`` (0-based)."""
-    total = cfg.epochs * steps_per_epoch
+    total = cfg.total_steps(steps_per_epoch)
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
     if cfg.schedule == "step":
         drops = sum(step >= epoch * steps_per_epoch for epoch in cfg.lr_drop)

@@ -1,9 +1,19 @@
 """The training loop: AdamW, gradient clipping, lr schedule, seeded sampling, atomic checkpoints, exact resume.
 
 ``train(model, criterion, dataset, cfg, out_dir)`` trains ``model`` in place on batches
-``(images, mask, targets)`` with ``criterion(model(images, mask), targets)["loss"]``. Under ``torchrun`` it
-joins the process group (gloo on CPU), wraps the model in DistributedDataParallel and gives every process an
-equal contiguous slice of each global batch; rank 0 writes the log, the progress bar and the checkpoints.
+``(images, mask, targets)`` with ``criterion(model(*inputs), targets)["loss"]`` (``criterion(..., step=step)``
+when the criterion has ``takes_step = True``). ``model`` is an eager detector (``inputs`` = images, mask) or a
+traced graph (a :class:`fxq.tracing.DetectorGraph` or a wrapper of one), which takes images only unless it was
+traced with a mask; :func:`fxq.tracing.model_batch` makes the inputs. A graph that takes no mask refuses padded
+batches (InputError): it would see the padding as image and its boxes would not match the targets; train it on
+same-size images (the synthetic sets are fixed-size) or trace it with ``(images, mask)``.
+
+Under ``torchrun`` it joins the process group (gloo on CPU) and gives every process an equal contiguous slice of
+each global batch; before each forward pass rank 0's buffers are broadcast and after each backward pass the
+gradients are averaged over the processes (one all-reduce), which is what DistributedDataParallel does, but
+also right for objectives that differentiate inside the loss (the Fisher-trace regularizer's double backprop,
+whose autograd.grad call DDP's gradient hooks would take for the backward pass). Rank 0 writes the log, the
+progress bar and the checkpoints.
 
 Resuming (``resume=True`` / a path / ``"auto"``) restores model, optimizer, scheduler, step, epoch, the
 position within the epoch and every rank's torch/numpy/python RNG state, so the resumed run ends
@@ -23,11 +33,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from fxq.errors import CheckpointError, FxqError, InputError
+from fxq.tracing import model_batch
 from fxq.train.checkpoint import load_checkpoint, save_checkpoint
 from fxq.train.config import TrainConfig
 from fxq.train.distributed import DistInfo, gather_objects, init_distributed
@@ -85,7 +95,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.collate_fn = collate_fn or _default_collate()
         self.steps_per_epoch = self._sampler(0, 0).num_batches
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.total_steps = cfg.total_steps(self.steps_per_epoch)
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         self.fingerprint = run_fingerprint(model, self._settings())
@@ -110,7 +120,7 @@ class Trainer:
 
     def fit(self, on_step: Callable | None = None) -> TrainResult:
         """Run until the last step (or ``cfg.stop_after``); checkpoint and return where it ended."""
-        net = self._wrapped()
+        net = self.model
         end = self.total_steps if self.cfg.stop_after is None else min(self.total_steps, self.cfg.stop_after)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and self.info.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
@@ -147,8 +157,9 @@ class Trainer:
 
     def _train_step(self, net: nn.Module, batch) -> dict[str, Tensor]:
         start = time.perf_counter()
-        images, mask, targets = _to_device(batch, self.cfg.device)
-        losses = self.criterion(net(images, mask), targets)
+        inputs, targets = model_batch(self.model, batch, need_targets=True, index=self.step)
+        self._sync_buffers()
+        losses = self._losses(net(*inputs), targets)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
@@ -156,6 +167,7 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._average_gradients()
         losses["grad_norm"] = self._clip()
         self.optimizer.step()
         self.scheduler.step()
@@ -165,6 +177,11 @@ class Trainer:
             self.epoch, self.position = self.epoch + 1, 0
         self.elapsed += time.perf_counter() - start
         return losses
+
+    def _losses(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        if getattr(self.criterion, "takes_step", False):
+            return self.criterion(outputs, targets, step=self.step)
+        return self.criterion(outputs, targets)
 
     def _clip(self) -> Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -202,10 +219,25 @@ class Trainer:
         return EpochBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed, epoch,
                                  self.info.rank, self.info.world_size, start)
 
-    def _wrapped(self) -> nn.Module:
+    def _sync_buffers(self) -> None:
+        if self.info.world_size > 1:
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
+
+    def _average_gradients(self) -> None:
+        """Mean of every trainable parameter's gradient over the processes (a missing one counts as 0; one
+        missing on every process stays missing)."""
         if self.info.world_size == 1:
-            return self.model
-        return DistributedDataParallel(self.model, find_unused_parameters=self.cfg.find_unused_parameters)
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+        dist.all_reduce(present)
+        params = [p for p, n in zip(params, present.tolist(), strict=True) if n > 0]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        flat /= self.info.world_size
+        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.grad = g.view_as(p).clone()
 
     def _settings(self) -> dict:
         criterion = self.criterion.config() if hasattr(self.criterion, "config") else _qualname(self.criterion)
@@ -235,16 +267,6 @@ class Trainer:
         self.step, self.epoch, self.position = ckpt["step"], ckpt["epoch"], ckpt["position"]
         self.elapsed = ckpt["elapsed"]
         restore_rng(ckpt["rng"][self.info.rank])
-
-
-def _to_device(batch, device: str):
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 3):
-        raise InputError(
-            "a batch must be (images [B,3,H,W], mask [B,H,W], targets list); pass the project's collate_fn"
-        )
-    images, mask, targets = batch
-    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-    return images.to(device), mask.to(device), targets
 
 
 def _default_collate() -> Callable:

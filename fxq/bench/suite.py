@@ -1,6 +1,20 @@
 """One benchmark run: every requested model variant of one network timed side by side on the same real images,
 with file sizes, the integer kernels onnxruntime runs, per-node profiles, and optionally the allocation's
 latency table.
+
+The rows (:data:`ROWS`), all built from one float graph and one set of real images:
+
+- ``torch``: the eager PyTorch model, fp32;
+- ``ort-fp32``: the float graph exported to ONNX;
+- ``ort-qdq`` / ``ort-qoperator``: onnxruntime's ``quantize_static`` of that export (:mod:`fxq.bench.ort_quantize`);
+- ``fxq-int8``: fxq W8A8, quantized for the runtime by :func:`fxq.ptq.quantize_ptq` (``target=``) and lowered by
+  :func:`fxq.backends.runtime_lower.lower_for_runtime`;
+- ``fxq-mixed``: fxq W4A8 (4-bit weights; the stem conv, attention matmuls and activations at 8 bits; heads
+  float — :data:`fxq.passes.policy.DEFAULT_OVERRIDES`), same preparation;
+- ``fxq-int8-plain``: fxq W8A8, the plain recipe through the plain QDQ lowering, for comparison.
+
+The "integer kernels" column counts the op types of the runtime's profile
+(:attr:`fxq.targets.TargetProfile.integer_kernels`) in the graph onnxruntime runs.
 """
 
 from __future__ import annotations
@@ -16,8 +30,14 @@ from typing import Any
 
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 
-from fxq.backends.bench import (
+from fxq.backends.capabilities import runtime_of_provider
+from fxq.backends.fusion_probes import optimized_model
+from fxq.backends.lower_qdq import lower_to_onnx
+from fxq.backends.runtime_lower import lower_for_runtime
+from fxq.bench.ort_quantize import ort_quantize_static
+from fxq.bench.timing import (
     fx_node_ms,
     in_fresh_process,
     latency_table,
@@ -26,18 +46,41 @@ from fxq.backends.bench import (
     profile_onnx,
     time_torch,
 )
-from fxq.backends.bench_variants import POLICIES, TABLE_OVERRIDES, bench_images, check_rows, quantize_for_runtime
-from fxq.backends.capabilities import RUNTIMES, resolve_provider
-from fxq.backends.fusion_probes import optimized_model
-from fxq.backends.lower_qdq import lower_to_onnx
-from fxq.backends.ort_quantize import ort_quantize_static
-from fxq.backends.runtime_lower import lower_for_runtime
+from fxq.data import CocoDetection, eval_transforms
 from fxq.errors import InputError
+from fxq.models import build as build_model
+from fxq.passes.policy import DEFAULT_OVERRIDES
+from fxq.ptq import float_graph, quantize_ptq
+from fxq.targets import TARGETS
 
-#: Op types counted in the "integer kernels" column.
-INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger", "QGemm",
-               "MatMulNBits", "QLinearAdd", "QLinearMul", "QLinearSoftmax", "QLinearConcat", "QLinearSigmoid",
-               "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearLeakyRelu")
+ROWS = ("torch", "ort-fp32", "ort-qdq", "ort-qoperator", "fxq-int8", "fxq-mixed", "fxq-int8-plain")
+POLICIES = {"fxq-int8": "W8A8", "fxq-mixed": "W4A8", "fxq-int8-plain": "W8A8"}
+#: The allocation's latency table measures each node at each bit-width: no node is pinned to 8 bits.
+TABLE_OVERRIDES = {pattern: policy for pattern, policy in DEFAULT_OVERRIDES.items() if policy is None}
+
+
+def check_rows(rows: Sequence[str]) -> list[str]:
+    """The requested rows in canonical order; InputError naming the known ones for an unknown row."""
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown or not rows:
+        raise InputError(f"unknown bench row(s) {unknown or rows}; choose from {', '.join(ROWS)}")
+    return [r for r in ROWS if r in rows]
+
+
+def bench_images(folder: str | os.PathLike, size: tuple[int, int], count: int) -> torch.Tensor:
+    """``count`` images [count, 3, H, W] of a COCO folder: normalised, resized to fit H×W, zero-padded."""
+    h, w = size
+    data = CocoDetection.from_folder(folder, transforms=eval_transforms(min(h, w), max(h, w)))
+    if len(data) == 0:
+        raise InputError(f"{os.fspath(folder)!r} holds no images; give a COCO folder with images")
+    out = torch.zeros(count, 3, h, w)
+    for i in range(count):
+        image, _ = data[i % len(data)]
+        scale = min(h / image.shape[1], w / image.shape[2], 1.0)
+        if scale < 1.0:
+            image = F.interpolate(image[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
+        out[i, :, : image.shape[1], : image.shape[2]] = image[:, :h, :w]
+    return out
 
 
 @dataclass
@@ -45,8 +88,8 @@ class BenchConfig:
     """What to measure: the network, input size, threads, provider, runs, rows, and where files go.
 
     ``isolate``: time and profile the ONNX models in fresh processes (see
-    :func:`fxq.backends.bench.in_fresh_process`); the torch row runs in this process. ONNX rows are timed in
-    ``rounds`` turns (:func:`fxq.backends.bench.time_onnx_interleaved`).
+    :func:`fxq.bench.timing.in_fresh_process`); the torch row runs in this process. ONNX rows are timed in
+    ``rounds`` turns (:func:`fxq.bench.timing.time_onnx_interleaved`).
     """
 
     model: str
@@ -69,14 +112,10 @@ class BenchConfig:
     log: Callable[[str], None] = field(default=lambda message: None)
 
 
-def _runtime_of(provider: str) -> str:
-    full = resolve_provider(provider)
-    return next(name for name, caps in RUNTIMES.items() if caps.provider == full)
-
-
-def _kernels(path: Path, provider: str) -> dict[str, int]:
-    ops = Counter(n.op_type for n in optimized_model(path, resolve_provider(provider)).graph.node)
-    return {op: ops[op] for op in INTEGER_OPS if ops[op]}
+def _kernels(path: Path, runtime: str) -> dict[str, int]:
+    profile = TARGETS[runtime]
+    ops = Counter(n.op_type for n in optimized_model(path, profile.provider).graph.node)
+    return {op: ops[op] for op in profile.integer_kernels if ops[op]}
 
 
 def _file_bytes(path: Path) -> int:
@@ -87,7 +126,7 @@ def _file_bytes(path: Path) -> int:
 class _Suite:
     def __init__(self, config: BenchConfig) -> None:
         self.c = config
-        self.runtime = _runtime_of(config.provider)
+        self.runtime = runtime_of_provider(config.provider)
         self.folder = Path(config.work_dir or tempfile.mkdtemp(prefix="fxq-bench-"))
         self.folder.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
@@ -96,12 +135,9 @@ class _Suite:
         self.lowering: dict[str, Any] = {}
 
     def build(self) -> None:
-        import fxq
-        from fxq.ptq import float_graph
-
         c = self.c
         torch.manual_seed(c.seed)
-        self.model = fxq.models.build(c.model, checkpoint=c.checkpoint).eval()
+        self.model = build_model(c.model, checkpoint=c.checkpoint).eval()
         self.float_gm = float_graph(self.model, c.size)
         images = bench_images(c.images, c.size, c.calib_images + 1)
         self.input, self.calibration = images[:1], [images[i:i + 1] for i in range(1, len(images))]
@@ -117,10 +153,10 @@ class _Suite:
         self.c.log(f"quantizing {name} ({policy})")
         path = self.folder / f"{self.c.model}-{name}.onnx"
         if name.endswith("-plain"):
-            gm = quantize_for_runtime(self.float_gm, self.calibration, policy, runtime=None)
+            gm = quantize_ptq(self.float_gm, self.calibration, policy, progress=False)
             self.lowering[name] = lower_to_onnx(gm, self.input, path).to_dict()
         else:
-            gm = quantize_for_runtime(self.float_gm, self.calibration, policy, self.runtime)
+            gm = quantize_ptq(self.float_gm, self.calibration, policy, progress=False, target=self.runtime)
             report = lower_for_runtime(gm, self.input, path, self.runtime)
             self.lowering[name] = {k: v for k, v in report.to_dict().items() if k not in ("nodes", "node_names")}
             self.lowering[name]["float_nodes"] = report.float_nodes
@@ -168,7 +204,7 @@ class _Suite:
         timings.update(onnx_timings)
         for name in rows:
             path = paths.get(name)
-            file_info = {"file": path.name, "file_bytes": _file_bytes(path), "kernels": _kernels(path, c.provider)} \
+            file_info = {"file": path.name, "file_bytes": _file_bytes(path), "kernels": _kernels(path, self.runtime)} \
                 if path else {"file": None, "file_bytes": None, "kernels": {}}
             self.rows.append({"name": name, **file_info, **timings[name].to_dict(), **self.extra.get(name, {})})
             if name in profiles:
@@ -181,7 +217,8 @@ class _Suite:
         per_bits = {}
         for bits in self.c.latency_bits:
             self.c.log(f"profiling every node at {bits}-bit weights for the latency table")
-            gm = quantize_for_runtime(self.float_gm, self.calibration, f"W{bits}A8", self.runtime, TABLE_OVERRIDES)
+            gm = quantize_ptq(self.float_gm, self.calibration, f"W{bits}A8", overrides=TABLE_OVERRIDES,
+                              progress=False, target=self.runtime)
             path = self.folder / f"{self.c.model}-latency-w{bits}.onnx"
             report = lower_for_runtime(gm, self.input, path, self.runtime, verify=False)
             nodes = self.isolated(profile_onnx, path, self.input, self.c.provider, self.c.threads,

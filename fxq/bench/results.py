@@ -28,7 +28,7 @@ def _cell(row: dict[str, Any], column: str) -> str:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    """The rows of a :func:`fxq.backends.bench_suite.run_bench` result as a markdown table, with its setting."""
+    """The rows of a :func:`fxq.bench.suite.run_bench` result as a markdown table, with its setting."""
     lines = [f"`{result['command']}`", ""] if result.get("command") else []
     lines += [f"{result['model']}, 1×3×{result['size'][0]}×{result['size'][1]}, {result['threads']} threads, "
              f"{result['provider']}, median of {result['runs']} runs after {result['warmup']} warm-up; "

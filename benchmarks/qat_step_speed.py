@@ -1,0 +1,102 @@
+"""Time and peak memory of one training step: float training, QAT (4-4-8, LSQ) and QAT + Fisher-trace regularizer.
+
+Run: .venv/bin/python benchmarks/qat_step_speed.py [--models detr_tiny detr_r50] [--rounds 2] [--steps 3]
+Each (model, mode) runs in its own process (peak RSS is per process); the modes are interleaved round by round,
+so drift on this shared machine hits them alike, and the table reports the median step time and ratios.
+detr_tiny: batch 8 at 160², embedded weights; detr_r50: batch 1 at 512², random weights. Random images with
+random boxes stand in for data (the step's cost does not depend on what the images show).
+Writes benchmarks/results/qat_step_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from common import ROOT, markdown, save
+
+SETTINGS = {"detr_tiny": (8, 160), "detr_r50": (1, 512)}
+MODES = ("float", "qat", "qat+reg")
+
+
+def _batch(batch: int, size: int, num_classes: int):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, size, size, generator=g)
+    targets = [{"boxes": torch.rand(3, 4, generator=g) * 0.5 + 0.25,
+                "labels": torch.randint(0, num_classes, (3,), generator=g)} for _ in range(batch)]
+    return images, targets
+
+
+def worker(model_name: str, mode: str, steps: int) -> dict:
+    """Median seconds per optimizer step and peak RSS (MiB) of ``mode`` on ``model_name``."""
+    import fxq
+    from fxq.objectives import QATLoss, build_criterion
+    from fxq.objectives.fisher_reg import FisherTraceRegularizer
+    from fxq.passes.prepare_qat import prepare_qat, quantized_weights
+    from fxq.ptq import float_graph
+
+    batch, size = SETTINGS[model_name]
+    model = fxq.models.build(model_name, seed=0)
+    float_gm = float_graph(model, (size, size))
+    images, targets = _batch(batch, size, float_gm.num_classes)
+    net = float_gm
+    if mode != "float":
+        net = prepare_qat(float_gm, [images[:1]], "4-4-8", init="minmax").gm
+    criterion = build_criterion(float_gm.head, aux=False)
+    regularizer = FisherTraceRegularizer(quantized_weights(net), 1e-3) if mode == "qat+reg" else None
+    loss_fn = QATLoss(criterion, None, regularizer)
+    net.train()
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        loss = loss_fn(net(images), targets)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return {"model": model_name, "mode": mode, "step_s": statistics.median(times[1:]),
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.steps)))
+        return
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.rounds):
+        for model in args.models:
+            for mode in MODES:
+                cmd = [sys.executable, __file__, "--worker", model, mode, "--steps", str(args.steps),
+                       "--threads", str(args.threads)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                runs.setdefault((model, mode), []).append(json.loads(out.strip().splitlines()[-1]))
+    rows = []
+    for model in args.models:
+        base = statistics.median(r["step_s"] for r in runs[(model, "float")])
+        qat = statistics.median(r["step_s"] for r in runs[(model, "qat")])
+        for mode in MODES:
+            step = statistics.median(r["step_s"] for r in runs[(model, mode)])
+            rows.append({"model": model, "mode": mode, "step_s": step, "x_float": step / base,
+                         "x_qat": step / qat, "peak_mib": max(r["peak_mib"] for r in runs[(model, mode)])})
+    save(ROOT / "benchmarks" / "results" / "qat_step_speed.json", rows,
+         markdown(rows, ["model", "mode", "step_s", "x_float", "x_qat", "peak_mib"]),
+         "python benchmarks/qat_step_speed.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Quantization-aware training of a traced detector: the recipe, the student/teacher pair and its objective.
+
+A :class:`QATRecipe` names everything that fixes the quantized graph's structure (model, precision, initial
+calibration, input size, target runtime); :func:`student_and_teacher` builds the float teacher
+(:func:`fxq.ptq.float_graph`) and the student (:func:`fxq.passes.prepare_qat.prepare_qat` of it), and
+:func:`rebuild_student` makes the same student again from a saved state_dict without calibrating, which is how
+``fxq eval --qat`` and ``fxq export --qat`` read a finished run.
+
+:class:`QATModule` is what the trainer trains: the student's forward, with the teacher's outputs on the same
+images under ``"teacher"`` when distilling; the teacher is not a submodule (not in the state_dict, never
+trained). :class:`QATCriterion` adapts :class:`fxq.objectives.QATLoss` to the trainer (it takes the step, for
+the regularizer's warm-up). Observers stay off: every quantizer is in "quantize" mode for the whole run.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fxq.errors import InputError
+from fxq.objectives import QATLoss
+from fxq.tracing import DetectorGraph
+
+TEACHER_KEY = "teacher"
+
+
+@dataclass(frozen=True)
+class QATRecipe:
+    """What fixes a QAT student's graph: the model, its precision (a uniform ``policy`` or an ``allocation``
+    file), the initial calibration method (``init``; None = the policy's default), the square input ``size``
+    the graph is traced at, whether affine zero-points learn, and the ``target`` runtime (None = plain QDQ)."""
+
+    model: str
+    policy: str | None = "4-4-8"
+    allocation: str | None = None
+    init: str | None = None
+    size: int = 160
+    learn_zero_point: bool = True
+    target: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.policy is None) == (self.allocation is None):
+            raise InputError("a QAT recipe needs exactly one of policy (e.g. '4-4-8') and allocation (a file "
+                             "written by fxq allocate --out)")
+        if self.size < 32:
+            raise InputError(f"size {self.size} is too small: DETR backbones downsample by 32, use at least 32")
+
+    def to_dict(self) -> dict:
+        """Plain-type fields (for config.json)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> QATRecipe:
+        """The recipe of a ``to_dict`` result; InputError naming unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"QAT recipe keys {unknown} are unknown; the keys are {sorted(known)}")
+        return cls(**values)
+
+
+def teacher_graph(recipe: QATRecipe, checkpoint: str | None = None) -> DetectorGraph:
+    """The float graph of the recipe's model (embedded weights unless ``checkpoint``): the QAT teacher."""
+    from fxq.models import build
+    from fxq.ptq import float_graph
+
+    return float_graph(build(recipe.model, checkpoint=checkpoint, seed=0), (recipe.size, recipe.size))
+
+
+def student_and_teacher(recipe: QATRecipe, calib: Iterable, checkpoint: str | None = None,
+                        progress: bool = False) -> tuple[DetectorGraph, DetectorGraph, dict]:
+    """(student, teacher, prepare_qat's info): the student calibrated on ``calib`` with learnable quantizers."""
+    from fxq.passes.prepare_qat import prepare_qat
+
+    teacher = teacher_graph(recipe, checkpoint)
+    result = prepare_qat(teacher, calib, recipe.policy, allocation=recipe.allocation, init=recipe.init,
+                         learn_zero_point=recipe.learn_zero_point, target=recipe.target, progress=progress)
+    return result.gm, teacher, result.info
+
+
+def rebuild_student(recipe: QATRecipe, state: Mapping[str, Tensor], init: str) -> DetectorGraph:
+    """The student of ``recipe`` with the trained ``state`` (weights, scales, zero-points) loaded strictly."""
+    from fxq.passes.prepare_qat import qat_structure
+
+    return qat_structure(teacher_graph(recipe), state, recipe.policy, allocation=recipe.allocation, init=init,
+                         learn_zero_point=recipe.learn_zero_point, target=recipe.target)
+
+
+class QATModule(nn.Module):
+    """The student graph, plus the float teacher's outputs under ``"teacher"`` when ``teacher`` is given."""
+
+    def __init__(self, student: DetectorGraph, teacher: DetectorGraph | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self._teacher = None if teacher is None else (copy.deepcopy(teacher).eval().requires_grad_(False),)
+
+    @property
+    def takes_mask(self) -> bool:
+        """Whether the student's forward takes a padding mask (as the DetectorGraph it wraps)."""
+        return self.student.takes_mask
+
+    @property
+    def teacher(self) -> DetectorGraph | None:
+        """The float teacher (not a submodule: never trained, not saved)."""
+        return None if self._teacher is None else self._teacher[0]
+
+    def _apply(self, fn, recurse: bool = True):
+        if self._teacher is not None:
+            self._teacher[0]._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def forward(self, *inputs: Tensor) -> dict:
+        outputs = dict(self.student(*inputs))
+        if self.teacher is not None:
+            with torch.no_grad():
+                outputs[TEACHER_KEY] = self.teacher(*inputs)
+        return outputs
+
+
+class QATCriterion:
+    """The trainer's criterion for a :class:`QATModule`: ``crit(outputs, targets, step) -> dict`` of
+    :class:`fxq.objectives.QATLoss` terms (the teacher's outputs are taken from ``outputs["teacher"]``)."""
+
+    takes_step = True
+
+    def __init__(self, loss: QATLoss) -> None:
+        self.loss = loss
+
+    def config(self) -> dict:
+        """Plain-type settings (for the run fingerprint)."""
+        return self.loss.config()
+
+    def __call__(self, outputs: Mapping, targets: list[dict], step: int = 0) -> dict[str, Tensor]:
+        student = {k: v for k, v in outputs.items() if k != TEACHER_KEY}
+        return self.loss(student, targets, outputs.get(TEACHER_KEY), step=step)
+
+
+class _OverallWithCritical:
+    """The detection loss L_A for training, with L_F (``loss_critical``) alongside for the regularizer."""
+
+    def __init__(self, critical) -> None:
+        self.critical = critical
+
+    def config(self) -> dict:
+        return {"train_on": "loss_all", "critical_ids": list(self.critical.critical_ids)}
+
+    def __call__(self, outputs: Mapping, targets: list[dict]) -> dict[str, Tensor]:
+        terms = self.critical(outputs, targets)
+        return {**terms, "loss": terms["loss_all"]}
+
+
+def qat_loss(student: DetectorGraph, options: Mapping, critical_ids: list[int] | None) -> QATLoss:
+    """L_A (+ kd_weight·KD) (+ λ·tr(Î_F) of L_F over the quantized conv/linear weights) for ``options``."""
+    from fxq.objectives import CriticalObjective, build_criterion
+    from fxq.objectives.distill import DEFAULT_WEIGHTS, Distillation
+    from fxq.objectives.fisher_reg import FisherTraceRegularizer
+    from fxq.passes.prepare_qat import quantized_weights
+
+    coef = options.get("cls_loss_coef")
+    criterion = build_criterion(student.head, aux=False, weights={} if coef is None else {"loss_ce": coef})
+    detection = criterion
+    regularizer = None
+    if options.get("fisher_reg", 0) > 0:
+        critical = CriticalObjective(criterion, critical_ids, options.get("alpha", 1.0),
+                                     num_classes=student.num_classes)
+        detection = _OverallWithCritical(critical)
+        regularizer = FisherTraceRegularizer(quantized_weights(student), options["fisher_reg"],
+                                             options.get("fisher_warmup", 0))
+    distillation = None
+    if options.get("distill", "none") == "kd":
+        scale = options.get("kd_weight", 1.0)
+        distillation = Distillation(student.head, {k: scale * w for k, w in DEFAULT_WEIGHTS.items()})
+    return QATLoss(detection, distillation, regularizer)
+
+
+def trained_cls_loss_coef(model: str) -> float | None:
+    """The ``--cls-loss-coef`` the embedded weights of ``model`` were trained with (None: the default)."""
+    import json
+    import shlex
+
+    from fxq.models.embedded import embedded_weights
+
+    path = embedded_weights(model)
+    record = path.with_suffix(".json") if path is not None else None
+    if record is None or not record.is_file():
+        return None
+    words = shlex.split(json.loads(record.read_text()).get("command", ""))
+    if "--cls-loss-coef" not in words:
+        return None
+    return float(words[words.index("--cls-loss-coef") + 1])
+
+
+def train_qat(recipe: QATRecipe, train_set, val_set, options: Mapping, out: Path, *, calib_set=None,
+              resume: bool = False, checkpoint: str | None = None, argv: Mapping | None = None) -> dict | None:
+    """Prepare the student, fine-tune it (resumable; torchrun-aware), then on rank 0 write ``qat_model.pt`` and
+    ``eval.json``; returns {"eval", "minutes"} when the run is complete on rank 0, else None.
+
+    ``calib_set`` (default ``train_set``) gives the first ``options["calib_images"]`` images of the initial
+    calibration; ``options`` holds the ``fxq qat`` options (see :mod:`fxq.cli.qat`)."""
+    import time
+
+    from fxq.data import collate
+    from fxq.evaluation import evaluate_model
+    from fxq.io import write_atomic, write_json
+    from fxq.passes.prepare_qat import keep_qparams_valid
+    from fxq.train.distributed import init_distributed
+    from fxq.train.trainer import Trainer
+
+    critical = _critical_ids(train_set, options.get("critical"))
+    start = time.perf_counter()
+    calib = _calib_loader(calib_set or train_set, options["calib_images"])
+    student, teacher, info = student_and_teacher(recipe, calib, checkpoint, progress=False)
+    module = QATModule(student, teacher if options.get("distill", "none") == "kd" else None)
+    criterion = QATCriterion(qat_loss(student, _with_coef(options, recipe.model), critical))
+    trainer = Trainer(module, criterion, train_set, _train_config(options), out, collate, init_distributed())
+    keep_qparams_valid(student, trainer.optimizer)
+    trainer.restore(resume)  # a changed configuration fails here, before anything is written
+    if trainer.info.is_main:
+        write_json(out / "config.json", {"recipe": recipe.to_dict(), "init": info["init"], "prepare": info,
+                                         "options": dict(options), "argv": dict(argv or {})})
+    result = trainer.fit()
+    if result.step < trainer.total_steps or not trainer.info.is_main:
+        return None
+    student.eval()
+    write_atomic(out / "qat_model.pt", lambda f: torch.save(student.state_dict(), f), mode="wb")
+    loader = torch.utils.data.DataLoader(val_set, batch_size=16, collate_fn=collate)
+    metrics = evaluate_model(student, loader, val_set.coco, critical_ids=critical,
+                             progress=not options.get("no_progress", False))
+    metrics.pop("detections", None)
+    write_json(out / "eval.json", metrics)
+    return {"eval": metrics, "minutes": (time.perf_counter() - start) / 60}
+
+
+def _with_coef(options: Mapping, model: str) -> dict:
+    coef = options.get("cls_loss_coef")
+    return {**options, "cls_loss_coef": trained_cls_loss_coef(model) if coef is None else coef}
+
+
+def _critical_ids(dataset, names) -> list[int] | None:
+    from fxq.data import resolve_categories
+
+    return resolve_categories(dataset.ann_file, names) if names else None
+
+
+def _calib_loader(dataset, images: int):
+    from torch.utils.data import DataLoader, Subset
+
+    from fxq.data import collate
+
+    if images > len(dataset):
+        raise InputError(f"{images} calibration images asked for, the set has {len(dataset)}; lower "
+                         "--calib-images")
+    return DataLoader(Subset(dataset, range(images)), batch_size=8, collate_fn=collate)
+
+
+def _train_config(options: Mapping):
+    from fxq.train import TrainConfig
+
+    lr = options["lr"]
+    return TrainConfig(epochs=options["epochs"], max_steps=options.get("steps"), batch_size=options["batch_size"],
+                       lr=lr,
+                       lr_backbone=lr if options.get("lr_backbone") is None else options["lr_backbone"],
+                       lr_quant=options["lr_quant"], weight_decay=options["weight_decay"],
+                       clip_max_norm=options["clip"], schedule=options["schedule"],
+                       warmup_steps=options["warmup"], seed=options["seed"], ckpt_every=options["ckpt_every"],
+                       stop_after=options.get("stop_after"), progress=not options.get("no_progress", False))
+
+
+def load_run(run: str | Path) -> tuple[QATRecipe, DetectorGraph]:
+    """The recipe and the trained student of a finished ``fxq qat`` run folder (``config.json`` +
+    ``qat_model.pt``, loaded with ``weights_only=True``); InputError naming a missing file."""
+    import json
+
+    run = Path(run)
+    config, weights = run / "config.json", run / "qat_model.pt"
+    for path, why in ((config, "it is not an fxq qat run folder"), (weights, "the run has not finished")):
+        if not path.is_file():
+            raise InputError(f"{path} does not exist: {why}; pass the --out folder of a finished fxq qat run "
+                             "(an unfinished one continues with fxq qat ... --resume)")
+    record = json.loads(config.read_text())
+    recipe = QATRecipe.from_dict(record["recipe"])
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{weights} is not a readable state_dict ({exc}); rerun the QAT run") from exc
+    return recipe, rebuild_student(recipe, state, record["init"]).eval()
