@@ -10,13 +10,12 @@ from fxq.backends.capabilities import (
     resolve_provider,
     runtime_capabilities,
 )
-from fxq.backends.errors import LoweringError
-from fxq.backends.int4 import pack_int4, unpack_int4
 from fxq.backends.lower_qdq import lower_to_onnx
-from fxq.backends.report import LoweringReport
+from fxq.backends.qtensor import pack_int4, unpack_int4
+from fxq.backends.report import LoweringReport, NodeExecution, RuntimeLoweringReport
 from fxq.backends.runtime_lower import lower_for_runtime
-from fxq.backends.runtime_report import NodeExecution, RuntimeLoweringReport
 from fxq.backends.session import OrtSession
+from fxq.errors import LoweringError
 
 __all__ = [
     "PROVIDERS",

@@ -7,7 +7,7 @@ import torch
 import torch.fx
 from torch.fx.node import map_arg
 
-from fxq.backends.errors import LoweringError
+from fxq.errors import LoweringError
 
 
 def constant_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> object:

@@ -20,13 +20,11 @@ import torch
 import torch.fx
 
 from fxq.backends.constants import constant_value
-from fxq.backends.errors import LoweringError
-from fxq.backends.markers import markers_installed
-from fxq.backends.onnx_export import MAX_OPSET, MIN_OPSET, export_marked, output_names
+from fxq.backends.onnx_export import MAX_OPSET, MIN_OPSET, export_marked, markers_installed, output_names
 from fxq.backends.qdq_rewrite import RewriteCounts, rewrite_markers
 from fxq.backends.quant_points import QuantPoint, collect_points
 from fxq.backends.report import LoweringReport
-from fxq.errors import InputError
+from fxq.errors import InputError, LoweringError
 from fxq.tracing import check_images
 
 #: Above this serialized size the model is saved with its tensors in ``<path>.data`` (protobuf's limit is 2 GiB).

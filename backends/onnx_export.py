@@ -1,5 +1,10 @@
 """Export the float computation of a GraphModule to ONNX, each enabled quantizer left as an ``fxq::QMark``.
 
+Markers: within :func:`markers_installed` each fake quantizer of the graph is replaced by an identity that the
+ONNX export records as one custom node ``fxq::QMark`` (attribute ``name`` = the quantizer node's name), so that
+the lowering can place QuantizeLinear/DequantizeLinear exactly where the graph's quantizers are. Outside ONNX
+export a marker is the identity.
+
 Uses the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``), which supports custom symbolics
 and dynamic batch/height/width on fxq's traced graphs; its highest opset is 20, so the result is converted
 with ``onnx.version_converter`` when a later opset is asked for (int4 needs 21). Outputs are the graph's
@@ -11,7 +16,8 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import onnx
 import torch
@@ -19,10 +25,12 @@ import torch.fx
 from onnx import version_converter
 from torch import nn
 
-from fxq.backends.errors import LoweringError
-from fxq.backends.markers import MARKER_DOMAIN
-from fxq.errors import InputError
+from fxq.backends.quant_points import QuantPoint
+from fxq.errors import InputError, LoweringError
+from fxq.roles import quantizer_nodes
 
+MARKER_DOMAIN = "fxq"
+MARKER_OP = "QMark"
 TORCHSCRIPT_MAX_OPSET = 20
 MIN_OPSET = 16
 #: int4 / int16 Q/DQ need 21; later opsets add nothing the lowering uses.
@@ -117,3 +125,50 @@ def export_marked(gm: torch.fx.GraphModule, images: torch.Tensor, names: list[st
     if opset > TORCHSCRIPT_MAX_OPSET:
         model = version_converter.convert_version(model, opset)
     return model
+
+
+class _Mark(torch.autograd.Function):
+    """Identity whose ONNX symbolic is ``fxq::QMark(x, name=...)``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, name: str) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def symbolic(g, x, name: str):
+        return g.op(f"{MARKER_DOMAIN}::{MARKER_OP}", x, name_s=name).setType(x.type())
+
+
+class Marker(nn.Module):
+    """Stands in for one quantizer during export."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return _Mark.apply(x, self.name)
+        return x
+
+
+class _Identity(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@contextmanager
+def markers_installed(gm: torch.fx.GraphModule, points: Mapping[str, QuantPoint]) -> Iterator[None]:
+    """Within the block every enabled quantizer of ``gm`` is a Marker (disabled ones an identity); restored after."""
+    saved: dict[str, nn.Module] = {}
+    try:
+        for node in quantizer_nodes(gm):
+            parent, _, leaf = node.target.rpartition(".")
+            owner = gm.get_submodule(parent)
+            saved[node.target] = owner._modules[leaf]
+            owner._modules[leaf] = Marker(node.name) if points[node.name].enabled else _Identity()
+        yield
+    finally:
+        for target, module in saved.items():
+            parent, _, leaf = target.rpartition(".")
+            gm.get_submodule(parent)._modules[leaf] = module

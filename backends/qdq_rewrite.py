@@ -25,10 +25,10 @@ import onnx
 import torch
 from onnx import helper
 
-from fxq.backends.errors import LoweringError
-from fxq.backends.markers import MARKER_DOMAIN, MARKER_OP
+from fxq.backends.onnx_export import MARKER_DOMAIN, MARKER_OP
 from fxq.backends.qtensor import float_tensor, integer_tensor, type_name
 from fxq.backends.quant_points import QuantPoint
+from fxq.errors import LoweringError
 from fxq.quant.numerics import normalize_axis
 
 

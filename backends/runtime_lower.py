@@ -38,7 +38,7 @@ from fxq.backends.node_map import rename_to_fx, runtime_name
 from fxq.backends.qdq_rewrite import prune
 from fxq.backends.qtensor import type_name
 from fxq.backends.quant_points import QuantPoint, collect_points
-from fxq.backends.runtime_report import NodeExecution, RuntimeLoweringReport
+from fxq.backends.report import NodeExecution, RuntimeLoweringReport
 from fxq.backends.runtime_rewrite import narrow_weights, quantize_conv_biases
 from fxq.backends.space_to_depth import space_to_depth_convs
 from fxq.quant import format_policy

@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
-# The QAT runs behind benchmarks/qat_table.py, in two queues of one thread each (2 cores):
-#   benchmarks/qat_runs.sh detr_tiny & benchmarks/qat_runs.sh deformable_detr_tiny & wait
-# Every run is resumable: rerunning the script continues unfinished runs and skips finished ones.
+# The QAT runs behind benchmarks/qat_table.py: benchmarks/qat_runs.sh MODEL ROW... (one thread each; two queues
+# share the 2 cores). Rows: qat, qat_fr_person, qat_kd, qat_kd_fr_person, qat_seed1, qat_fr_person_seed1,
+# w4a8_qat, w4a8_qat_fr_person, w2a4_qat, w2a4_qat_fr_person. Every run is resumable: rerunning continues
+# unfinished runs and skips finished ones. This session ran
+#   benchmarks/qat_runs.sh detr_tiny qat qat_fr_person qat_kd qat_kd_fr_person qat_seed1 qat_fr_person_seed1
+#   benchmarks/qat_runs.sh deformable_detr_tiny qat qat_fr_person qat_kd w2a4_qat w4a8_qat
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$1; shift
 RUNS=${RUNS:-runs/qat}
-COMMON=(--data runs/synth --policy 4-4-8 --steps 250 --batch-size 8 --lr 1e-4 --lr-backbone 1e-5 --lr-quant 1e-3
+COMMON=(--data runs/synth --steps 250 --batch-size 8 --lr 1e-4 --lr-backbone 1e-5 --lr-quant 1e-3
         --warmup 20 --critical person --threads 1 --no-progress)
 FR=(--fisher-reg 1e-3 --fisher-warmup 50)
-run() {  # run NAME ARGS...
-  local name=$1; shift
-  local out="$RUNS/$MODEL/$name"
-  if [[ -f "$out/eval.json" ]]; then echo "skip $out"; return; fi
-  local resume=(); [[ -f "$out/checkpoint.pt" ]] && resume=(--resume)
-  echo "== $out: fxq qat $MODEL ${COMMON[*]} $*"
-  .venv/bin/fxq qat "$MODEL" "${COMMON[@]}" "$@" "${resume[@]}" --out "$out"
-}
-run qat --seed 0
-run qat_fr_person --seed 0 "${FR[@]}"
-run qat_kd --seed 0 --distill kd
-run qat_kd_fr_person --seed 0 --distill kd "${FR[@]}"
-run qat_seed1 --seed 1
-run qat_fr_person_seed1 --seed 1 "${FR[@]}"
+for name in "$@"; do
+  args=(--policy 4-4-8 --seed 0)
+  case $name in
+    w4a8_*) args=(--policy W4A8 --seed 0) ;;
+    w2a4_*) args=(--policy W2A4-Att8 --seed 0) ;;
+  esac
+  [[ $name == *seed1 ]] && args+=(--seed 1)
+  [[ $name == *_kd* ]] && args+=(--distill kd)
+  [[ $name == *fr_person* ]] && args+=("${FR[@]}")
+  out="$RUNS/$MODEL/$name"
+  if [[ -f "$out/eval.json" ]]; then echo "skip $out"; continue; fi
+  resume=(); [[ -f "$out/checkpoint.pt" ]] && resume=(--resume)
+  echo "== $out: fxq qat $MODEL ${COMMON[*]} ${args[*]}"
+  .venv/bin/fxq qat "$MODEL" "${COMMON[@]}" "${args[@]}" "${resume[@]}" --out "$out"
+done

@@ -6,11 +6,15 @@ counts at its first call, so the sum over the graph is the model's parameter cou
 and linear nodes: qualified name of the weight, ``name[start:stop]`` for a row slice such as a q/k/v
 projection); ``fxq.macs`` (multiply-accumulates of conv, linear and matmul nodes at the traced input size,
 batch included).
+
+:func:`role_summary` reads ``fxq.role``, ``fxq.params`` and ``fxq.macs`` back and sums them per role (the
+table ``fxq inspect`` prints with :func:`format_summary`).
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -107,3 +111,24 @@ def add_params(node: torch.fx.Node, count: int) -> None:
     folding), if ``node`` is the call that counts that module's parameters."""
     if node.meta.get("fxq.params"):
         node.meta["fxq.params"] += count
+
+
+def role_summary(gm: torch.fx.GraphModule) -> dict[str, dict[str, int]]:
+    """``{role: {"nodes", "params", "macs"}}`` summed over the graph's nodes, roles sorted by name."""
+    table: dict[str, dict[str, int]] = defaultdict(lambda: {"nodes": 0, "params": 0, "macs": 0})
+    for node in gm.graph.nodes:
+        row = table[node.meta["fxq.role"]]
+        row["nodes"] += 1
+        row["params"] += node.meta.get("fxq.params", 0)
+        row["macs"] += node.meta.get("fxq.macs", 0)
+    return dict(sorted(table.items()))
+
+
+def format_summary(summary: dict[str, dict[str, int]], title: str) -> str:
+    """A fixed-width text table of :func:`role_summary`, with a total row."""
+    lines = [title, f"{'role':<14}{'nodes':>8}{'params':>14}{'GMACs':>12}"]
+    for role, row in summary.items():
+        lines.append(f"{role:<14}{row['nodes']:>8}{row['params']:>14,}{row['macs'] / 1e9:>12.3f}")
+    total = {k: sum(r[k] for r in summary.values()) for k in ("nodes", "params", "macs")}
+    lines.append(f"{'total':<14}{total['nodes']:>8}{total['params']:>14,}{total['macs'] / 1e9:>12.3f}")
+    return "\n".join(lines)

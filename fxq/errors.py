@@ -15,3 +15,7 @@ class CheckpointError(FxqError):
 
 class InputError(FxqError):
     """An input tensor, file or argument is not what the operation needs."""
+
+
+class LoweringError(FxqError):
+    """A graph node or quantizer has no ONNX form; the message names the FX node and what to do."""

@@ -169,7 +169,7 @@ MODULE: Key[str] = declare(
     "dotted path of the module whose forward created the node (state_dict prefix)")
 ROLE: Key[str] = declare(
     "fxq.role", str, "fxq.tracing",
-    (_B + "node_map", _B + "runtime_lower", "fxq.costs", "fxq.inspection", "fxq.roles", _P + "fold_bn",
+    (_B + "node_map", _B + "runtime_lower", "fxq.costs", "fxq.roles", _P + "fold_bn",
      _P + "insert_quant", _P + "policy", _P + "prepare_qat", _P + "remove_dropout", _P + "runtime_prep",
      _P + "tie_groups", _P + "weights"),
     "what the node computes: a value of fxq.roles (conv, linear, attn_qk, quantize, ...)")
@@ -177,10 +177,10 @@ SHAPE: Key[list | None] = declare(
     "fxq.shape", list | None, "fxq.costs", (_P + "insert_quant", _P + "prepare_qat", _P + "runtime_prep"),
     "output shape at the traced input size (a list of shapes for tuple outputs; None for non-tensors)")
 PARAMS: Key[int] = declare(
-    "fxq.params", int, "fxq.costs", ("fxq.inspection",),
+    "fxq.params", int, "fxq.costs", (),
     "trainable parameter elements the node reads first (the graph's sum is the model's parameter count)")
 MACS: Key[int] = declare(
-    "fxq.macs", int, "fxq.costs", ("fxq.inspection", _P + "allocate"),
+    "fxq.macs", int, "fxq.costs", (_P + "allocate",),
     "multiply-accumulates of conv, linear and matmul nodes at the traced input size, batch included")
 WEIGHT: Key[str | None] = declare(
     "fxq.weight", str | None, "fxq.costs", (_P + "insert_quant", _P + "weights"),

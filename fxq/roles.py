@@ -16,7 +16,7 @@ from torch import nn
 
 from fxq import meta
 from fxq.models.attention import attention_mix, attention_scores
-from fxq.models.frozen_bn import FrozenBatchNorm2d
+from fxq.models.resnet import FrozenBatchNorm2d
 
 #: Fake-quantizer nodes (``call_module`` of a FakeQuantizer), inserted by fxq.passes.insert_quant / runtime_prep.
 QUANTIZE = "quantize"

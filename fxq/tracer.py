@@ -14,7 +14,7 @@ import torch.fx
 from torch import nn
 
 from fxq.errors import TraceError
-from fxq.models.frozen_bn import FrozenBatchNorm2d
+from fxq.models.resnet import FrozenBatchNorm2d
 
 LEAF_TYPES: tuple[type[nn.Module], ...] = (FrozenBatchNorm2d,)
 

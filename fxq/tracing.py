@@ -5,7 +5,7 @@ conv/linear nodes); see fxq/tracer.py, fxq/roles.py and fxq/costs.py.
 
 :func:`model_batch` is the one adapter from a loader batch to a model's positional inputs (and targets), for
 traced graphs and eager detectors alike; calibration, the Fisher analyses, DetPTQ, evaluation and the trainer
-all feed models through it.
+all feed models through it, moving the batch to the device :func:`module_device` reads off the model.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch.fx
 from torch import nn
 
 from fxq.costs import annotate_costs, record_shapes
-from fxq.device import module_device
 from fxq.errors import InputError, TraceError
 from fxq.roles import role_of
 from fxq.tracer import FxqTracer, untraceable
@@ -84,6 +83,14 @@ def takes_mask(model: nn.Module) -> bool:
     if isinstance(model, torch.fx.GraphModule):
         return sum(node.op == "placeholder" for node in model.graph.nodes) > 1
     return True
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (else first buffer); CPU for a module holding no tensors."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 def model_batch(model: nn.Module, batch: Any, *, need_targets: bool = False, index: int | None = None) -> ModelBatch:

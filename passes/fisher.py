@@ -21,6 +21,10 @@ The expectation is taken, by choice, over
 
 Gradients are computed in the graph's dtype (float64 graphs give float64 traces), accumulated in float64.
 
+Under ``torchrun`` the ranks share the batches out (batch i on rank i % world_size) and add their squared-norm
+sums and counts (:mod:`fxq.passes.fisher_objective`); both expectations are over whole batches or the images
+in them, so every rank writes the records one process would over the same batches (up to summation order).
+
 Reads ``fxq.role``, ``fxq.weight``. Writes ``fxq.fisher`` on every such node: ``{"overall": s, "critical": s,
 "combined": s (those computed), "alpha": α (critical/combined), "samples": images seen, "batches": batches
 seen, "method": "empirical", "per_sample": bool}`` (:class:`fxq.meta.FisherRecord`, through
@@ -41,7 +45,7 @@ import torch.fx
 from fxq.errors import InputError
 from fxq.meta import FisherRecord
 from fxq.passes.analysis_io import load_analysis, save_analysis
-from fxq.passes.fisher_objective import DetectionLosses, iterate, require_batches, units
+from fxq.passes.fisher_objective import DetectionLosses, analysis_ranks, iterate, require_batches, sum_over_ranks, units
 from fxq.passes.pass_manager import PassResult
 from fxq.passes.weights import WeightRef, parameter, weight_nodes
 
@@ -127,9 +131,6 @@ class _SquaredNorms:
                 sums[node.name] += value
         self.terms += 1
 
-    def traces(self, node: torch.fx.Node, numel: int) -> dict[str, float]:
-        return {key: sums[node.name] / self.terms / numel for key, sums in self.sums.items()}
-
 
 def record_fisher(node: torch.fx.Node, record: FisherRecord) -> None:
     """Store ``record`` as the node's ``fxq.fisher`` (every estimator writes it here, so all records have the
@@ -155,18 +156,26 @@ def fisher_traces(gm: torch.fx.GraphModule, loader: Iterable, objective: str = "
     losses = DetectionLosses(gm, objective, critical_ids, alpha)
     targets, params = analysed_params(gm)
     check_finite_weights(gm, targets)
-    norms, images, batches = _SquaredNorms(targets), 0, 0
-    with differentiable(gm, params.values()):
-        for index, batch in iterate(loader, num_batches, progress, f"Fisher ({objective})"):
-            for unit in units(gm, batch, per_sample, index):
-                norms.add(_unit_gradients(gm, unit, losses, params), index)
-                images += unit[0][0].shape[0]
-            batches += 1
+    ranks = analysis_ranks(gm)
+
+    def local() -> dict:
+        norms, images, batches = _SquaredNorms(targets), 0, 0
+        with differentiable(gm, params.values()):
+            for index, batch in iterate(loader, num_batches, progress, f"Fisher ({objective})", ranks):
+                for unit in units(gm, batch, per_sample, index):
+                    norms.add(_unit_gradients(gm, unit, losses, params), index)
+                    images += unit[0][0].shape[0]
+                batches += 1
+        return {"sums": norms.sums, "terms": norms.terms, "images": images, "batches": batches}
+
+    total = sum_over_ranks(local, ranks)
+    images, batches = total["images"], total["batches"]
     require_batches(batches, "Fisher analysis")
     extra = {"alpha": losses.alpha} if objective != "overall" else {}
     for node, ref in targets:
         numel = ref.select(params[ref.param]).numel()
-        record_fisher(node, {**norms.traces(node, numel), **extra, "samples": images, "batches": batches,
+        traces = {key: sums[node.name] / total["terms"] / numel for key, sums in total["sums"].items()}
+        record_fisher(node, {**traces, **extra, "samples": images, "batches": batches,
                              "method": "empirical", "per_sample": per_sample})
     return PassResult(gm, False, {"nodes": len(targets), "objective": objective, "samples": images,
                                   "batches": batches, "per_sample": per_sample,

@@ -14,7 +14,7 @@ import torch.fx
 from torch import nn
 
 from fxq.costs import add_params
-from fxq.models.frozen_bn import FrozenBatchNorm2d
+from fxq.models.resnet import FrozenBatchNorm2d
 from fxq.passes.pass_manager import PassResult
 
 

@@ -5,7 +5,10 @@ covers all analysed parameters, and E[v_lᵀ (H v)_l] = tr(H_ll) because the cro
 mean zero for independent Rademacher entries. They add variance, not bias — a lot of it for a node with a
 small trace coupled to nodes with large ones. ``blockwise=True`` draws a separate probe per node (v zero outside
 W_l): no cross-block variance, at (number of nodes) times the cost — affordable on tiny models, not on
-DETR-R50. Probes come from a seeded ``torch.Generator``: the same seed gives the same estimate.
+DETR-R50. Probes come from a seeded ``torch.Generator``: the same seed gives the same estimate. Batch i's
+probes are drawn from seed·1000003 + i, whichever process analyses it: under ``torchrun`` (batch i on rank
+i % world_size, the ranks' sums added; :mod:`fxq.passes.fisher_objective`) every rank writes the records one
+process would over the same batches (up to summation order).
 
 The pass :func:`hutchinson_traces` stores, like the empirical Fisher, the per-element mean tr(H_l)/numel(W_l)
 of each batch's loss Hessian, averaged over batches (the expectation is per batch). Reads ``fxq.role``,
@@ -25,7 +28,7 @@ import torch.fx
 
 from fxq.errors import InputError
 from fxq.passes.fisher import analysed_params, check_finite_weights, differentiable, record_fisher
-from fxq.passes.fisher_objective import DetectionLosses, iterate, require_batches
+from fxq.passes.fisher_objective import DetectionLosses, analysis_ranks, iterate, require_batches, sum_over_ranks
 from fxq.passes.pass_manager import PassResult
 from fxq.passes.weights import WeightRef
 from fxq.tracing import ModelBatch, model_batch
@@ -138,25 +141,32 @@ def hutchinson_traces(gm: torch.fx.GraphModule, loader: Iterable, objective: str
     losses = DetectionLosses(gm, objective, critical_ids, alpha)
     targets, params = analysed_params(gm)
     check_finite_weights(gm, targets)
-    sums: dict[str, dict[str, float]] = {}
-    images = batches = 0
-    with differentiable(gm, params.values()):
-        for index, raw in iterate(loader, num_batches, progress, f"Hutchinson ({objective})"):
-            batch = model_batch(gm, raw, need_targets=True, index=index)
-            traces = _batch_traces(gm, batch, losses, params, targets, num_probes, seed * PROBE_STRIDE + index,
-                                   blockwise)
-            _check_finite(traces, index)
-            for key, by_node in traces.items():
-                acc = sums.setdefault(key, dict.fromkeys(by_node, 0.0))
-                for name, value in by_node.items():
-                    acc[name] += value
-            images += len(batch.targets)
-            batches += 1
+    ranks = analysis_ranks(gm)
+
+    def local() -> dict:
+        sums: dict[str, dict[str, float]] = {}
+        images = batches = 0
+        with differentiable(gm, params.values()):
+            for index, raw in iterate(loader, num_batches, progress, f"Hutchinson ({objective})", ranks):
+                batch = model_batch(gm, raw, need_targets=True, index=index)
+                traces = _batch_traces(gm, batch, losses, params, targets, num_probes,
+                                       seed * PROBE_STRIDE + index, blockwise)
+                _check_finite(traces, index)
+                for key, by_node in traces.items():
+                    acc = sums.setdefault(key, dict.fromkeys(by_node, 0.0))
+                    for name, value in by_node.items():
+                        acc[name] += value
+                images += len(batch.targets)
+                batches += 1
+        return {"sums": sums, "images": images, "batches": batches}
+
+    total = sum_over_ranks(local, ranks)
+    images, batches = total["images"], total["batches"]
     require_batches(batches, "Hutchinson analysis")
     extra = {"alpha": losses.alpha} if objective != "overall" else {}
     for node, ref in targets:
         numel = ref.select(params[ref.param]).numel()
-        record_fisher(node, {**{k: s[node.name] / batches / numel for k, s in sums.items()}, **extra,
+        record_fisher(node, {**{k: s[node.name] / batches / numel for k, s in total["sums"].items()}, **extra,
                              "samples": images, "batches": batches, "method": "hutchinson", "per_sample": False,
                              "probes": num_probes, "seed": seed, "blockwise": blockwise})
     return PassResult(gm, False, {"nodes": len(targets), "objective": objective, "samples": images,

@@ -85,7 +85,7 @@ def test_freeze_backbone_keeps_the_early_stages_and_resume_checks_it(tmp_path, c
 
 def test_freeze_backbone_needs_a_resnet_backbone():
     from fxq import InputError
-    from fxq.train.freeze import freeze_backbone
+    from fxq.models.transfer import freeze_backbone
 
     with pytest.raises(InputError, match="backbone.0.body"):
         freeze_backbone(torch.nn.Linear(2, 2), "layer1")

@@ -19,8 +19,8 @@ from conftest import ROOT
 #: Every module of fxq belongs to one layer; a module in no layer fails the test (declare it here).
 LAYERS: dict[str, tuple[str, ...]] = {
     "core": ("fxq.errors", "fxq.quant", "fxq.models", "fxq.data", "fxq.objectives", "fxq.evaluation",
-             "fxq.roles", "fxq.tracing", "fxq.tracer", "fxq.meta", "fxq.targets", "fxq.costs", "fxq.device",
-             "fxq.io", "fxq.inspection", "fxq.train"),
+             "fxq.roles", "fxq.tracing", "fxq.tracer", "fxq.meta", "fxq.targets", "fxq.costs", "fxq.io",
+             "fxq.train"),
     "passes": ("fxq.passes",),
     "backends": ("fxq.backends",),
     "recipe": ("fxq.ptq", "fxq.qat"),

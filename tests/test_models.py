@@ -10,8 +10,7 @@ from torch import nn
 import fxq
 from fxq.models import build
 from fxq.models.attention import MultiheadAttention
-from fxq.models.frozen_bn import FrozenBatchNorm2d
-from fxq.models.resnet import ResNetBody
+from fxq.models.resnet import FrozenBatchNorm2d, ResNetBody
 
 
 def _layout(model: nn.Module) -> list[list]:

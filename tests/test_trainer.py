@@ -340,3 +340,17 @@ if __name__ == "__main__":
     for case in DDP_CASES:
         trained = ddp_run(Path(sys.argv[1]), case)
         torch.save(trained.state_dict(), Path(sys.argv[1]) / case / f"rank{os.environ['RANK']}.pt")
+
+
+def test_a_non_finite_loss_names_the_step_and_the_term(tmp_path):
+    from fxq.train.trainer import TrainingDivergedError
+
+    base = build_criterion("sigmoid")
+
+    def criterion(outputs, targets):
+        losses = base(outputs, targets)
+        kd = losses["loss"] * float("nan")
+        return {**losses, "loss_kd": kd, "loss": losses["loss"] + kd}
+
+    with pytest.raises(TrainingDivergedError, match=r"at step 0 \(non-finite terms: loss_kd\)"):
+        train(make_model(head="sigmoid"), criterion, SyntheticBoxes(), CFG, tmp_path, collate_fn=collate)

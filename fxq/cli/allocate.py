@@ -3,6 +3,9 @@
 Traces MODEL, folds batch norm, applies the uniform ``--policy`` (heads stay float), computes the Fisher traces
 (or loads a saved analysis with ``--analysis``), solves the allocation MILP, prints the table, and writes the
 analysis JSON (``--out``) and a plot (``--plot``).
+
+Under ``torchrun`` the ranks share the Fisher analysis's batches (:mod:`fxq.passes.fisher_objective`) and
+all end with the same traces and allocation; rank 0 alone prints and writes the files.
 """
 
 from __future__ import annotations
@@ -84,17 +87,21 @@ def run(args: argparse.Namespace) -> int:
     from fxq.passes.report import allocation_table, plot_allocation
     from fxq.passes.tie_groups import attention_groups
     from fxq.ptq import float_graph
+    from fxq.train.distributed import init_distributed
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.size < 32:
         raise InputError(f"--size {args.size} is too small: DETR backbones downsample by 32, use at least 32")
+    main = init_distributed().is_main
     gm = float_graph(build(args.model, checkpoint=args.checkpoint, seed=0), (args.size, args.size))
     annotate_policy(gm, args.policy)
     _analyse(gm, args)
     ties = attention_groups(gm) if args.tie_qkv else None
     info = allocate_bits(gm, args.candidates, args.budget, args.budget_kind, args.latency_table, ties,
                          args.objective).info
+    if not main:
+        return 0
     print(allocation_table(gm))
     print(f"bits histogram {info['histogram']}, MILP {info['solve_s']:.3f} s")
     if args.out:

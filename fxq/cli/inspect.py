@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fxq.costs import format_summary, role_summary
     from fxq.errors import InputError
-    from fxq.inspection import format_summary, role_summary
     from fxq.io import write_json
     from fxq.models import build, model_names
     from fxq.tracing import trace

@@ -15,7 +15,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from fxq.cli.train import add_data_arguments
+    from fxq.cli.train import add_data_arguments, add_run_arguments
 
     p = sub.add_parser("pretrain", help="pretrain a detector's backbone on object classes, centres and sizes",
                        description="Pretrain MODEL's ResNet body on DATA's train split (object classification at "
@@ -26,12 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
-    p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_arguments(p, ckpt_every=500)
     p.set_defaults(func=run)
 
 

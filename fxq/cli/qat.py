@@ -20,7 +20,7 @@ MODEL_NAME = "qat_model.pt"
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``qat`` to the fxq command line."""
-    from fxq.cli.train import add_data_arguments
+    from fxq.cli.train import add_data_arguments, add_run_arguments
 
     p = sub.add_parser("qat", help="quantization-aware training of a detector (LSQ, Fisher-trace reg., KD)",
                        description=__doc__.split("\n\n")[1])
@@ -48,8 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="end (and fit the schedule) after this many steps, "
                    "within --epochs")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-5, help="weights (default 2e-5: fine-tuning)")
-    p.add_argument("--lr-backbone", type=float, default=None, help="backbone weights (default: --lr)")
+    p.add_argument("--lr", type=float, default=1e-4, help="weights (default 1e-4)")
+    p.add_argument("--lr-backbone", type=float, default=1e-5, help="backbone weights (default 1e-5)")
     p.add_argument("--lr-quant", type=float, default=1e-3, help="quantizer scales and zero-points")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--clip", type=float, default=0.1)
@@ -58,12 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cls-loss-coef", type=float, default=None,
                    help="classification loss weight (default: what the model was trained with: 5 for the "
                    "sigmoid-head detr_tiny, else the criterion's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_arguments(p, ckpt_every=100)
     p.set_defaults(func=run)
 
 

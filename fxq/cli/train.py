@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from fxq.train.freeze import STAGES
+from fxq.models.transfer import STAGES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,18 +30,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--one-to-many", type=int, default=1, help="repeat every ground-truth box k times in matching")
     p.add_argument("--query-groups", type=int, default=1,
                    help="DETR only: train G groups of queries, each matched one-to-one (Group DETR); the first is kept")
-    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the data order and augmentation")
-    p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
+    add_run_arguments(p, ckpt_every=500)
     p.add_argument("--init", help="start from these weights (e.g. an earlier run's model.pt) instead of random")
     p.add_argument("--backbone-from", help="initialise the ResNet backbone from this trained detector: a model "
                    "name with embedded weights (e.g. deformable_detr_tiny) or a checkpoint file")
     p.add_argument("--freeze-backbone", choices=STAGES, default=None,
                    help="no gradients to the backbone's stem through this stage (DETR: layer1)")
+    p.set_defaults(func=run)
+
+
+def add_run_arguments(p: argparse.ArgumentParser, ckpt_every: int) -> None:
+    """What controls a run but not its data: --seed, --ckpt-every, --stop-after, --resume, --threads,
+    --no-progress."""
+    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the data order and augmentation")
+    p.add_argument("--ckpt-every", type=int, default=ckpt_every)
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
 
 
 def add_data_arguments(p: argparse.ArgumentParser, outputs: str) -> None:
@@ -78,10 +84,9 @@ def run(args: argparse.Namespace) -> int:
     from fxq.io import write_atomic, write_json
     from fxq.models import build, config_of
     from fxq.models.detr import TRAINING_ONLY
-    from fxq.models.transfer import copy_backbone, source_state
+    from fxq.models.transfer import copy_backbone, freeze_backbone, source_state
     from fxq.objectives import build_criterion
     from fxq.train import TrainConfig
-    from fxq.train.freeze import freeze_backbone
 
     family, _ = config_of(args.model)
     if args.query_groups < 1:

@@ -24,7 +24,7 @@ from torch import nn
 
 from fxq.models.backbone import Backbone, Joiner, downsample_mask
 from fxq.models.deformable_transformer import DeformableTransformer, add_reference_logits, inverse_sigmoid
-from fxq.models.mlp import MLP
+from fxq.models.detr import MLP
 from fxq.models.position_encoding import PositionEmbeddingSine
 from fxq.models.resnet import ResNetBody
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxq.models.backbone import Backbone, Joiner
-from fxq.models.mlp import MLP
 from fxq.models.position_encoding import PositionEmbeddingSine
 from fxq.models.resnet import ResNetBody
 from fxq.models.transformer import Transformer
@@ -82,3 +82,21 @@ class DETR(nn.Module):
             out["aux_outputs"] = [{"pred_logits": logits[i], "pred_boxes": boxes[i]}
                                   for i in range(len(self.transformer.decoder.layers) - 1)]
         return out
+
+
+class MLP(nn.Module):
+    """The feed-forward box head of DETR and Deformable DETR (``bbox_embed.layers.*``): ``num_layers`` Linear
+    layers with ReLU between them."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs, strict=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x

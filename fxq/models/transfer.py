@@ -1,4 +1,5 @@
-"""Initialise a detector's backbone from another trained detector (the role ImageNet weights play for DETR)."""
+"""A detector's backbone transferred from another trained detector (the role ImageNet weights play for DETR),
+and its first stages frozen (DETR trains its backbone from ``layer2`` on)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from fxq.models.embedded import embedded_weights
 from fxq.models.zoo import CONFIGS
 
 BACKBONE_PREFIX = "backbone.0."
+#: The ResNet stages of a detector's backbone, in order (``stem``: conv1 and bn1).
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+_BODY = BACKBONE_PREFIX + "body."
 
 
 def source_state(source: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -46,3 +50,20 @@ def copy_backbone(model: nn.Module, source: str | os.PathLike,
                              f"needs {tuple(value.shape)}: take the backbone from a detector with the same ResNet")
     model.load_state_dict({k: state[k].to(v.dtype) for k, v in own.items()}, strict=False)
     return len(own)
+
+
+def freeze_backbone(model: nn.Module, through: str) -> int:
+    """Stop gradients to the backbone's stem and every stage up to ``through`` (one of :data:`STAGES`); returns how
+    many parameter tensors were frozen. Their BatchNorm statistics still update in training mode. InputError for an
+    unknown stage or a model without fxq's ResNet backbone."""
+    if through not in STAGES:
+        raise InputError(f"unknown backbone stage {through!r} to freeze through; choose one of {', '.join(STAGES)}")
+    prefixes = [_BODY + name + "." for name in ("conv1", "bn1")]
+    prefixes += [_BODY + stage + "." for stage in STAGES[1:STAGES.index(through) + 1]]
+    frozen = [p for name, p in model.named_parameters() if name.startswith(tuple(prefixes))]
+    if not frozen:
+        raise InputError(f"{type(model).__name__} has no parameters under {_BODY!r}: --freeze-backbone needs one of "
+                         "fxq's DETR or Deformable DETR models")
+    for param in frozen:
+        param.requires_grad_(False)
+    return len(frozen)

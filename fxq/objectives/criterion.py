@@ -17,7 +17,8 @@ The returned dict also holds ``loss`` = sum over all terms of ``weights[term] * 
 The number of boxes is ``repeat * (number of ground-truth boxes)`` (so one-to-many matching keeps the scale),
 at least 1. Under ``torch.distributed`` the box count and the cross-entropy weight sum are averaged over ranks
 (as DETR does for the box count), so that DDP's gradient average equals the single-process gradient of the
-global batch.
+global batch; ``rank_mean=False`` keeps each call's own normalisers (the Fisher analysis: its ranks see
+different batches).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class SetCriterion:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     aux: bool = True
+    rank_mean: bool = True
 
     def __post_init__(self) -> None:
         check_head(self.head)
@@ -98,7 +100,7 @@ class SetCriterion:
         count = torch.tensor(
             float(self.matcher.repeat * sum(len(t["labels"]) for t in targets)), device=device
         )
-        return _rank_mean(count).clamp(min=1.0)
+        return _rank_mean(count, self.rank_mean).clamp(min=1.0)
 
     def layer_losses(
         self, outputs: dict, targets: list[dict], matches: list[Match], num_boxes: Tensor
@@ -128,7 +130,7 @@ class SetCriterion:
         class_weight = torch.ones(logits.shape[-1], device=logits.device, dtype=logits.dtype)
         class_weight[no_object] = self.eos_coef
         ce = F.cross_entropy(logits.transpose(1, 2), classes, weight=class_weight, reduction="none")
-        return ce.sum() / _rank_mean(class_weight[classes].sum().detach())
+        return ce.sum() / _rank_mean(class_weight[classes].sum().detach(), self.rank_mean)
 
     def _focal(
         self, logits: Tensor, batch_idx: Tensor, query_idx: Tensor, labels: Tensor, num_boxes: Tensor
@@ -161,9 +163,10 @@ def _flat_query_index(matches: list[Match]) -> tuple[Tensor, Tensor]:
     return batch_idx, query_idx
 
 
-def _rank_mean(value: Tensor) -> Tensor:
-    """``value`` averaged over the ranks of the default process group (unchanged without one)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+def _rank_mean(value: Tensor, across_ranks: bool = True) -> Tensor:
+    """``value`` averaged over the ranks of the default process group (unchanged without one or when not
+    ``across_ranks``)."""
+    if across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
         dist.all_reduce(value)
         value = value / dist.get_world_size()

@@ -162,8 +162,11 @@ class Trainer:
         losses = self._losses(net(*inputs), targets)
         loss = losses["loss"]
         if not torch.isfinite(loss):
+            bad = [k for k, v in losses.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1
+                   and not torch.isfinite(v)]
+            terms = f" (non-finite terms: {', '.join(bad)})" if bad else ""
             raise TrainingDivergedError(
-                f"loss is {loss.item()} at step {self.step}; lower lr, raise warmup_steps or check the data"
+                f"loss is {loss.item()} at step {self.step}{terms}; lower lr, raise warmup_steps or check the data"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
