@@ -188,7 +188,7 @@ WEIGHT: Key[str | None] = declare(
 QSPEC: Key[QSpec] = declare(
     "fxq.qspec", "QSpec", _P + "policy",
     (_B + "runtime_lower", _P + "allocate", _P + "insert_quant", _P + "prepare_qat",
-     _P + "report", _P + "runtime_prep", _P + "sensitivity"),
+     _P + "quantize", _P + "report", _P + "runtime_prep", _P + "sensitivity"),
     "how the node is quantized (fxq.quant.QSpec); absent: the node stays float", saved=True)
 QUANTIZER: Key[QuantizerRecord] = declare(
     "fxq.quantizer", QuantizerRecord, _P + "insert_quant",

@@ -19,15 +19,12 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from fxq.passes.calibrate import calibrate
-from fxq.passes.detptq import detptq
 from fxq.passes.fold_bn import fold_batchnorm
-from fxq.passes.insert_quant import insert_quantizers
 from fxq.passes.pass_manager import PassManager
-from fxq.passes.policy import DEFAULT_OVERRIDES, annotate_policy
+from fxq.passes.policy import annotate_policy
+from fxq.passes.quantize import quantize_annotated
 from fxq.passes.remove_dropout import remove_dropout
-from fxq.passes.runtime_prep import insert_output_quantizers, quantize_biases
-from fxq.quant import QSpec, parse_method
+from fxq.quant import QSpec
 from fxq.targets import TargetProfile, target_profile
 from fxq.tracing import DetectorGraph, trace
 
@@ -39,30 +36,6 @@ def float_graph(model: nn.Module, size: tuple[int, int] = (160, 160)) -> Detecto
     return gm
 
 
-def _observers(method: str) -> dict[str, str]:
-    if method == "detptq":
-        return {"a_observer": "lp:2", "w_observer": "lp:2"}
-    kind, _ = parse_method(method)
-    return {"a_observer": method, "w_observer": method if kind in ("lp", "mse") else "minmax"}
-
-
-def _symmetric(policy: str | QSpec | None, profile: TargetProfile | None) -> str | QSpec | None:
-    """``policy`` with the target's activation symmetry (QSpecs are replaced; strings get it as a field)."""
-    if profile is None or profile.activation_symmetric is None or not isinstance(policy, QSpec):
-        return policy
-    return policy.replace(a_symmetric=profile.activation_symmetric)
-
-
-def _annotate(gm: DetectorGraph, policy: str | QSpec, overrides: Mapping[str, str | QSpec | None] | None,
-              method: str, profile: TargetProfile | None) -> None:
-    fields: dict[str, object] = _observers(method)
-    if profile is not None and profile.activation_symmetric is not None:
-        fields["a_symmetric"] = profile.activation_symmetric
-        overrides = {k: _symmetric(v, profile) for k, v in (DEFAULT_OVERRIDES if overrides is None
-                                                             else overrides).items()}
-    annotate_policy(gm, _symmetric(policy, profile), overrides, **fields)
-
-
 def quantize_ptq(float_gm: DetectorGraph, calib: Iterable, policy: str | QSpec = "W8A8", method: str = "minmax",
                  overrides: Mapping[str, str | QSpec | None] | None = None, progress: bool = True,
                  target: str | TargetProfile | None = None, num_batches: int | None = None) -> DetectorGraph:
@@ -71,15 +44,6 @@ def quantize_ptq(float_gm: DetectorGraph, calib: Iterable, policy: str | QSpec =
     recipe); ``num_batches`` batches of ``calib`` calibrate (all by default)."""
     profile = None if target is None else target_profile(target)
     gm = copy.deepcopy(float_gm)
-    _annotate(gm, policy, overrides, method, profile)
-    if not insert_quantizers(gm).modified:
-        return gm  # a float policy: nothing to calibrate
-    if profile is not None and profile.conv_needs_output_q:
-        insert_output_quantizers(gm, profile)
-    if method == "detptq":
-        detptq(gm, calib, float_gm, num_batches=num_batches, progress=progress)
-    else:
-        calibrate(gm, calib, num_batches=num_batches, progress=progress)
-    if profile is not None and profile.int32_conv_bias:
-        quantize_biases(gm, profile)
+    annotate_policy(gm, policy, overrides)
+    quantize_annotated(gm, calib, float_gm, method, profile, num_batches, progress)
     return gm

@@ -38,7 +38,7 @@ optimiser post-step hook) clamps scales to ≥ MIN_LEARNABLE_SCALE and zero-poin
 :func:`qat_structure` rebuilds the same graph from a trained state_dict without calibration data.
 
 Reads ``fxq.qspec``, ``fxq.role``, ``fxq.shape``, ``fxq.quantizer``, ``fxq.quantized_inputs``; sets
-``fxq.qspec`` through :func:`fxq.passes.policy.assign_qspec` (the observers of ``init``, the target's
+``fxq.qspec`` through :func:`fxq.passes.quantize.quantize_annotated` (the observers of ``init``, the target's
 symmetry); the passes it runs write what they write (``fxq.quantizer``, ``fxq.quantized_inputs``, ``fxq.calib``
 = the initial values, ...). Writes ``fxq.qat`` on every quantizer node: {"init": method, "grad_scale_numel": N
 or None, "learnable": ["scale"] or ["scale", "zero_point"]}.
@@ -57,12 +57,10 @@ import torch.fx
 from fxq import meta
 from fxq.errors import InputError
 from fxq.passes.analysis_io import _read, load_analysis
-from fxq.passes.calibrate import calibrate, record_calibration
-from fxq.passes.detptq import detptq
-from fxq.passes.insert_quant import insert_quantizers
+from fxq.passes.calibrate import record_calibration
 from fxq.passes.pass_manager import PassResult
 from fxq.passes.policy import annotate_policy, assign_qspec
-from fxq.passes.runtime_prep import insert_output_quantizers, quantize_biases
+from fxq.passes.quantize import quantize_annotated
 from fxq.passes.weights import parameter, weight_ref
 from fxq.quant import QSpec, parse_method
 from fxq.roles import QUANTIZABLE_ROLES, quantizer_nodes, quantizers
@@ -138,40 +136,6 @@ def _check_nodes(gm: torch.fx.GraphModule, names: list[str], where: str) -> None
             parameter(gm, weight_ref(node), node)
 
 
-def _spec_fields(method: str, spec: QSpec, profile: TargetProfile | None) -> dict[str, object]:
-    """The QSpec fields ``quantize_ptq`` sets for ``method`` and the target (plus LSQ's observers)."""
-    fields: dict[str, object] = {}
-    if profile is not None and profile.activation_symmetric is not None:
-        fields["a_symmetric"] = profile.activation_symmetric
-    symmetric = fields.get("a_symmetric", spec.a_symmetric)
-    if method == "lsq":
-        return {**fields, "w_observer": "lsq", "a_observer": "lsq" if symmetric else "minmax"}
-    if method == "detptq":
-        return {**fields, "w_observer": "lp:2", "a_observer": "lp:2"}
-    kind, _ = parse_method(method)
-    return {**fields, "a_observer": method, "w_observer": method if kind in ("lp", "mse") else "minmax"}
-
-
-def _quantize(annotated: DetectorGraph, float_gm: DetectorGraph, calib: Iterable, method: str,
-              profile: TargetProfile | None, progress: bool) -> DetectorGraph:
-    """quantize_ptq's passes on the annotated graph: quantizers, [output quantizers], calibration, [biases]."""
-    for node in annotated.graph.nodes:
-        spec = meta.get(node, meta.QSPEC)
-        if spec is not None:
-            assign_qspec(node, spec.replace(**_spec_fields(method, spec, profile)))
-    if not insert_quantizers(annotated).modified:
-        raise InputError("the precision quantizes nothing (every node float); pick a quantized policy")
-    if profile is not None and profile.conv_needs_output_q:
-        insert_output_quantizers(annotated, profile)
-    if method == "detptq":
-        detptq(annotated, calib, float_gm, progress=progress)
-    else:
-        calibrate(annotated, calib, progress=progress)
-    if profile is not None and profile.int32_conv_bias:
-        quantize_biases(annotated, profile)
-    return annotated
-
-
 def _images_batch(gm: torch.fx.GraphModule) -> list | None:
     images = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
     return None if images is None else meta.get(images, meta.SHAPE)
@@ -216,7 +180,9 @@ def prepare_qat(float_gm: DetectorGraph, calib: Iterable, policy: str | QSpec | 
     profile = None if target is None else target_profile(target)
     annotated = _annotated(float_gm, policy, allocation, overrides)
     method = init or default_init(annotated)
-    gm = _quantize(annotated, float_gm, calib, method, profile, progress)
+    gm = quantize_annotated(annotated, calib, float_gm, method, profile, progress=progress).gm
+    if not quantizers(gm):
+        raise InputError("the precision quantizes nothing (every node float); pick a quantized policy")
     counts = _make_learnable(gm, method, learn_zero_point)
     return PassResult(gm, True, {"init": method, **counts})
 

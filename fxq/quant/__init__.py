@@ -18,6 +18,7 @@ from fxq.quant.observers import (
     Observer,
     PercentileObserver,
     make_observer,
+    observer_fields,
     parse_method,
 )
 from fxq.quant.policy_strings import format_policy, parse_policy
@@ -47,6 +48,7 @@ __all__ = [
     "make_observer",
     "minmax_qparams",
     "mse_error",
+    "observer_fields",
     "parse_method",
     "parse_policy",
     "percentile_range",

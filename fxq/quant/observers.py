@@ -35,6 +35,19 @@ DEFAULT_PERCENTILE = 99.99
 _HELP = 'use "minmax", "percentile", "percentile:99.99", "mse", "lp:<p>" with p > 0, or "lsq"'
 
 
+def observer_fields(method: str, a_symmetric: bool = False) -> dict[str, str]:
+    """The QSpec observer fields of a calibration ``method``: DetPTQ observes with lp:2 (its search starts
+    there), mse/lp search the weights too, minmax/percentile take per-channel min-max weights, and ``lsq``
+    (QAT's own initialisation) uses LSQ's step for weights and symmetric activations, min-max (LSQ+) for affine
+    ones."""
+    if method == "lsq":
+        return {"w_observer": "lsq", "a_observer": "lsq" if a_symmetric else "minmax"}
+    if method == "detptq":
+        return {"a_observer": "lp:2", "w_observer": "lp:2"}
+    kind, _ = parse_method(method)
+    return {"a_observer": method, "w_observer": method if kind in ("lp", "mse") else "minmax"}
+
+
 def parse_method(method: str) -> tuple[str, float | None]:
     """Split a calibration-method name into (kind, parameter), validating both."""
     if not isinstance(method, str):
