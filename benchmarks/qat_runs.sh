@@ -4,7 +4,7 @@
 # w4a8_qat, w4a8_qat_fr_person, w2a4_qat, w2a4_qat_fr_person. Every run is resumable: rerunning continues
 # unfinished runs and skips finished ones. This session ran
 #   benchmarks/qat_runs.sh detr_tiny qat qat_fr_person qat_kd qat_kd_fr_person qat_seed1 qat_fr_person_seed1
-#   benchmarks/qat_runs.sh deformable_detr_tiny qat qat_fr_person qat_kd w2a4_qat w4a8_qat
+#   benchmarks/qat_runs.sh deformable_detr_tiny qat qat_fr_person qat_kd w2a4_qat
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$1; shift
@@ -13,12 +13,13 @@ COMMON=(--data runs/synth --steps 250 --batch-size 8 --lr 1e-4 --lr-backbone 1e-
         --warmup 20 --critical person --threads 1 --no-progress)
 FR=(--fisher-reg 1e-3 --fisher-warmup 50)
 for name in "$@"; do
-  args=(--policy 4-4-8 --seed 0)
+  seed=0; [[ $name == *seed1 ]] && seed=1
+  args=(--policy 4-4-8)
   case $name in
-    w4a8_*) args=(--policy W4A8 --seed 0) ;;
-    w2a4_*) args=(--policy W2A4-Att8 --seed 0) ;;
+    w4a8_*) args=(--policy W4A8) ;;
+    w2a4_*) args=(--policy W2A4-Att8) ;;
   esac
-  [[ $name == *seed1 ]] && args+=(--seed 1)
+  args+=(--seed "$seed")
   [[ $name == *_kd* ]] && args+=(--distill kd)
   [[ $name == *fr_person* ]] && args+=("${FR[@]}")
   out="$RUNS/$MODEL/$name"
