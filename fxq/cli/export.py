@@ -45,12 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
         raise InputError("give MODEL and --calib FOLDER (or --qat RUN to lower a QAT run)")
 
-    from fxq.backends import lower_to_onnx
     from fxq.backends.capabilities import runtime_capabilities
-    from fxq.backends.runtime_lower import lower_for_runtime
     from fxq.data import CocoDetection, collate, eval_transforms
     from fxq.errors import InputError
-    from fxq.io import write_json
     from fxq.models import build
     from fxq.ptq import float_graph, quantize_ptq
 
@@ -64,24 +61,15 @@ def run(args: argparse.Namespace) -> int:
     example = torch.zeros(1, 3, h, w)
     float_gm = float_graph(build(args.model, checkpoint=args.checkpoint, seed=0), (h, w))
     gm = quantize_ptq(float_gm, loader, args.policy, target=args.runtime, num_batches=args.calib_batches)
-    if args.runtime:
-        report = lower_for_runtime(gm, example, args.out, args.runtime, opset=args.opset, dynamic=not args.static)
-    else:
-        report = lower_to_onnx(gm, example, args.out, opset=args.opset, dynamic=not args.static)
-    print(report)
-    if args.json:
-        write_json(args.json, {"model": args.model, "policy": args.policy, "size": [h, w], "runtime": args.runtime,
-                               **report.to_dict()})
+    _lower(gm, example, args, args.runtime,
+           {"model": args.model, "policy": args.policy, "size": [h, w], "runtime": args.runtime})
     return 0
 
 
 def _run_qat(args: argparse.Namespace) -> int:
     import torch
 
-    from fxq.backends import lower_to_onnx
-    from fxq.backends.runtime_lower import lower_for_runtime
     from fxq.errors import InputError
-    from fxq.io import write_json
     from fxq.qat import load_run
 
     if args.model or args.calib:
@@ -89,17 +77,24 @@ def _run_qat(args: argparse.Namespace) -> int:
     recipe, student = load_run(args.qat)
     runtime = args.runtime or recipe.target
     if runtime != recipe.target:
-        raise InputError(f"--runtime {runtime}: the run {args.qat} was trained for runtime {recipe.target!r} "
-                         f"(its quantizer placement); export it with --runtime {recipe.target} or retrain with "
-                         f"fxq qat --runtime {runtime}" if recipe.target else
-                         f"--runtime {runtime}: the run {args.qat} was trained without runtime preparation; "
-                         f"export it without --runtime, or retrain it with fxq qat --runtime {runtime}")
+        trained = f"for runtime {recipe.target}" if recipe.target else "without runtime preparation"
+        raise InputError(f"--runtime {runtime}: the run {args.qat} was trained {trained} (its quantizer "
+                         f"placement); export it as trained, or retrain it with fxq qat --runtime {runtime}")
     example = torch.zeros(1, 3, recipe.size, recipe.size)
+    _lower(student, example, args, runtime, {"qat": args.qat, **recipe.to_dict()})
+    return 0
+
+
+def _lower(gm, example, args: argparse.Namespace, runtime: str | None, record: dict) -> None:
+    """Lower ``gm`` (for ``runtime``, or plain QDQ), print the report and write ``--json`` with ``record``."""
+    from fxq.backends import lower_to_onnx
+    from fxq.backends.runtime_lower import lower_for_runtime
+    from fxq.io import write_json
+
     if runtime:
-        report = lower_for_runtime(student, example, args.out, runtime, opset=args.opset, dynamic=not args.static)
+        report = lower_for_runtime(gm, example, args.out, runtime, opset=args.opset, dynamic=not args.static)
     else:
-        report = lower_to_onnx(student, example, args.out, opset=args.opset, dynamic=not args.static)
+        report = lower_to_onnx(gm, example, args.out, opset=args.opset, dynamic=not args.static)
     print(report)
     if args.json:
-        write_json(args.json, {"qat": args.qat, **recipe.to_dict(), **report.to_dict()})
-    return 0
+        write_json(args.json, {**record, **report.to_dict()})

@@ -11,8 +11,8 @@ same-size images (the synthetic sets are fixed-size) or trace it with ``(images,
 Under ``torchrun`` it joins the process group (gloo on CPU) and gives every process an equal contiguous slice of
 each global batch; before each forward pass rank 0's buffers are broadcast and after each backward pass the
 gradients are averaged over the processes (one all-reduce), which is what DistributedDataParallel does, but
-also right for objectives that differentiate inside the loss (the Fisher-trace regularizer's double backprop,
-whose autograd.grad call DDP's gradient hooks would take for the backward pass). Rank 0 writes the log, the
+also defined for objectives that differentiate inside the loss (the Fisher-trace regularizer's double backprop),
+which DDP's documentation excludes (it supports gradients accumulated in ``.grad`` only). Rank 0 writes the log, the
 progress bar and the checkpoints.
 
 Resuming (``resume=True`` / a path / ``"auto"``) restores model, optimizer, scheduler, step, epoch, the
