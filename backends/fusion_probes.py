@@ -18,6 +18,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from fxq.backends.session import inference_session, session_options
+
 _TYPES = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8, "uint16": TensorProto.UINT16,
           "uint4": TensorProto.UINT4, "int4": TensorProto.INT4}
 _RANGES = {"int8": (-127, 127), "int4": (-8, 7)}
@@ -111,14 +113,13 @@ def probe_model(op: str = "conv", act: str | None = "uint8", weight: str = "int8
 def optimized_model(model: onnx.ModelProto | str | os.PathLike, provider: str = "CPUExecutionProvider",
                     level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> onnx.ModelProto:
     """The graph onnxruntime runs for ``model`` on ``provider`` after its graph optimizations."""
-    options = ort.SessionOptions()
+    options = session_options(threads=1)
     options.graph_optimization_level = level
     options.log_severity_level = 3  # the "hardware specific optimizations" notice when saving level "all"
-    options.intra_op_num_threads = 1
     with tempfile.TemporaryDirectory() as folder:
         options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
-        ort.InferenceSession(source, options, providers=[provider])
+        inference_session(source, options, provider)
         return onnx.load(options.optimized_model_filepath)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,26 +26,59 @@ OPTIMIZATIONS: dict[str, ort.GraphOptimizationLevel] = {
 #: kernel quantizes the activations to int8 on the fly, which is not the graph's numerics; 1 computes in fp32.
 MATMULNBITS_ACCURACY_LEVEL = 1
 
+#: On x86-64 CPUs without VNNI, ORT's u8×s8 kernels add pairs of products in int16 (VPMADDUBSW) and saturate
+#: them, so a conv or matmul whose int8 weights leave [-64, 63] gives wrong integers (seen on AVX2 EPYCs: logit
+#: errors of 0.4 and whole output steps). This session option makes ORT re-store such weights as u8 and use its
+#: exact u8×u8 kernels; it changes nothing on CPUs with VNNI or on other providers.
+EXACT_INT8_OPTION = "session.x64quantprecision"
 
-def _options(threads: int | None, optimization: str, accuracy_level: int) -> ort.SessionOptions:
+
+def session_options(threads: int | None = None, optimization: str = "all", *,
+                    matmulnbits_accuracy_level: int = MATMULNBITS_ACCURACY_LEVEL,
+                    exact_int8: bool = True) -> ort.SessionOptions:
+    """onnxruntime session options that run a QDQ graph with its own numerics (see ``EXACT_INT8_OPTION`` and
+    ``MATMULNBITS_ACCURACY_LEVEL``); ``exact_int8=False`` lets non-VNNI x86 CPUs saturate for speed."""
     if optimization not in OPTIMIZATIONS:
         raise InputError(f"optimization={optimization!r} is unknown; use one of {list(OPTIMIZATIONS)}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads={threads!r} must be a positive integer (or None for onnxruntime's default)")
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATIONS[optimization]
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(matmulnbits_accuracy_level))
+    options.add_session_config_entry(EXACT_INT8_OPTION, "1" if exact_int8 else "0")
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     return options
 
 
+def inference_session(model: str | bytes, options: ort.SessionOptions, provider: str) -> ort.InferenceSession:
+    """``ort.InferenceSession(model, options)``; where onnxruntime's exact-int8 rewrite (``EXACT_INT8_OPTION``) cannot
+    handle the file (1.32 fails on quantize_static's QDQ files: "Attempt to replace the existing tensor"), the
+    session with its default int8 kernels, and a warning saying so."""
+    try:
+        return ort.InferenceSession(model, options, providers=[provider])
+    except Exception as exc:  # onnxruntime's own pybind exception types
+        if options.get_session_config_entry(EXACT_INT8_OPTION) != "1":
+            raise
+        error = exc
+    options.add_session_config_entry(EXACT_INT8_OPTION, "0")
+    try:
+        session = ort.InferenceSession(model, options, providers=[provider])
+    except Exception:
+        raise error from None
+    name = model if isinstance(model, str) else "a model"
+    first = str(error).strip().splitlines()[0][-120:]
+    warnings.warn(f"onnxruntime {ort.__version__} cannot apply {EXACT_INT8_OPTION} to {name} (...{first}); it runs "
+                  "with the default int8 kernels, which saturate on x86 CPUs without VNNI", stacklevel=3)
+    return session
+
+
 def _open(path: Path, options: ort.SessionOptions, provider: str) -> ort.InferenceSession:
     if not path.is_file():
         raise InputError(f"ONNX model {str(path)!r} does not exist; write one with fxq.backends.lower_to_onnx")
     try:
-        return ort.InferenceSession(str(path), options, providers=[provider])
+        return inference_session(str(path), options, provider)
     except Exception as exc:  # onnxruntime raises its own pybind exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{str(path)!r} is not an ONNX model onnxruntime can load ({first}); pass a .onnx file "
@@ -56,15 +90,19 @@ class OrtSession:
 
     ``threads`` sets the intra-op thread count (None = onnxruntime's default); ``optimization`` the graph
     optimization level ("disable", "basic", "extended", "all"); ``matmulnbits_accuracy_level`` the compute
-    type of fused MatMulNBits kernels (1 = fp32, the graph's numerics; 4 = int8 activations, faster).
+    type of fused MatMulNBits kernels (1 = fp32, the graph's numerics; 4 = int8 activations, faster);
+    ``exact_int8=False`` allows the saturating u8×s8 kernels of x86 CPUs without VNNI (``EXACT_INT8_OPTION``).
     """
 
     def __init__(self, path: str | os.PathLike, provider: str = "cpu", *, threads: int | None = None,
-                 optimization: str = "all", matmulnbits_accuracy_level: int = MATMULNBITS_ACCURACY_LEVEL) -> None:
+                 optimization: str = "all", matmulnbits_accuracy_level: int = MATMULNBITS_ACCURACY_LEVEL,
+                 exact_int8: bool = True) -> None:
         self.path = Path(path)
         self.provider = resolve_provider(provider)
-        options = _options(threads, optimization, matmulnbits_accuracy_level)
+        options = session_options(threads, optimization, matmulnbits_accuracy_level=matmulnbits_accuracy_level,
+                                  exact_int8=exact_int8)
         self.session = _open(self.path, options, self.provider)
+        self.exact_int8 = options.get_session_config_entry(EXACT_INT8_OPTION) == "1"
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from fxq.backends.session import session_options
 from fxq.errors import InputError
 from fxq.quant import FakeQuantizer, QSpec
 
@@ -59,9 +60,8 @@ def ort_qdq(x, scale, zp, bits, signed, axis):
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     onnx.checker.check_model(model)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), session_options(threads=1),
+                                providers=["CPUExecutionProvider"])
     return sess.run(None, {"x": x})[0]
 
 

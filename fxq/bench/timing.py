@@ -25,11 +25,10 @@ from dataclasses import asdict, dataclass
 from typing import TypeVar
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from fxq.backends.node_map import runtime_name
-from fxq.backends.session import OrtSession
+from fxq.backends.session import OrtSession, inference_session
 from fxq.errors import InputError
 
 T = TypeVar("T")
@@ -108,7 +107,7 @@ def profile_onnx(path: str | os.PathLike, images: torch.Tensor, provider: str = 
     options = session.session.get_session_options()
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="fxq-profile-"), "profile")
-    profiled = ort.InferenceSession(os.fspath(path), options, providers=[session.provider])
+    profiled = inference_session(os.fspath(path), options, session.provider)
     feed = {session.input_names[0]: np.ascontiguousarray(images.detach().cpu().float().numpy())}
     for _ in range(warmup + runs):
         profiled.run(None, feed)
