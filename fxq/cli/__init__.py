@@ -10,6 +10,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import warnings
 
 from fxq.errors import FxqError
 
@@ -25,15 +26,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit status of an interrupted command (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; fxq's errors print as one line and exit with status 2."""
-    args = build_parser().parse_args(argv)
+    """Run the command line; fxq's errors print as one line and exit with status 2, Ctrl-C prints one line and
+    exits with status 130."""
+    args, format_warning = None, warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
+        args = build_parser().parse_args(argv)
         code = args.func(args)
     except FxqError as exc:
-        print(f"fxq {args.command}: error: {exc}", file=sys.stderr)
+        command = f"fxq {args.command}" if args is not None else "fxq"
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(interrupted_message(args), file=sys.stderr)
+        return INTERRUPTED
+    except Exception as exc:
+        if not _caused_by_interrupt(exc):
+            raise
+        print(interrupted_message(args), file=sys.stderr)  # a library's cleanup failed after the Ctrl-C
+        return INTERRUPTED
+    finally:
+        warnings.formatwarning = format_warning
     return int(code or 0)
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is in the chain of exceptions that led to ``exc``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line (``fxq: UserWarning: ...``), without the source line Python adds."""
+    return f"fxq: {category.__name__}: {message}\n"
+
+
+def interrupted_message(args: argparse.Namespace | None) -> str:
+    """What an interrupted command leaves and how to go on."""
+    command = f"fxq {args.command}" if args is not None else "fxq"
+    if args is not None and hasattr(args, "resume"):
+        return (f"{command}: interrupted; every file in {args.out} is complete (checkpoints are written "
+                "atomically): run the same command with --resume to continue from the last checkpoint")
+    return f"{command}: interrupted; no file was left half-written: run the command again"
 
 
 if __name__ == "__main__":

@@ -49,9 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _loader(args: argparse.Namespace):
     import torch
 
+    from fxq.cli.train import verify_images
     from fxq.data import CocoDetection, collate, eval_transforms
 
     dataset = CocoDetection.from_folder(args.data, args.split, transforms=eval_transforms(args.size))
+    verify_images(dataset, args.split or "default", skip=False)
     subset = torch.utils.data.Subset(dataset, range(min(args.images, len(dataset))))
     return torch.utils.data.DataLoader(subset, batch_size=args.batch_size, collate_fn=collate), dataset
 
@@ -76,10 +78,44 @@ def _analyse(gm, args: argparse.Namespace) -> None:
         fisher_traces(gm, loader, per_sample=args.per_sample, **common)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Every option in range, consistent and every path usable, before the model is built."""
+    from fxq.cli.checks import (
+        check_at_least,
+        check_checkpoint,
+        check_input_file,
+        check_input_folder,
+        check_output_file,
+        check_size,
+    )
+    from fxq.errors import InputError
+
+    check_size(args.size)
+    check_at_least(args, {"images": 1, "batch_size": 1, "probes": 1, "threads": 1, "alpha": 0.0, "seed": 0})
+    if not args.budget > 0 or args.budget != args.budget or args.budget == float("inf"):
+        raise InputError(f"--budget {args.budget}: give a finite number > 0 in --budget-kind units")
+    bad = [b for b in args.candidates if not 1 <= b <= 16]
+    if bad:
+        raise InputError(f"--candidates {' '.join(map(str, args.candidates))}: bit-widths are 1..16 (e.g. 2 4 8)")
+    if args.budget_kind == "latency" and not args.latency_table:
+        raise InputError("--budget-kind latency needs --latency-table FILE (write one with "
+                         "`fxq bench MODEL --latency-table FILE`)")
+    if args.latency_table and args.budget_kind != "latency":
+        raise InputError(f"--latency-table goes with --budget-kind latency (got --budget-kind {args.budget_kind})")
+    if args.objective in ("critical", "combined") and not args.critical and not args.analysis:
+        raise InputError(f"--objective {args.objective} needs --critical NAME ...: the categories whose loss "
+                         "L_F the Fisher analysis measures")
+    check_input_file(args.latency_table, "--latency-table")
+    check_input_file(args.analysis, "--analysis")
+    check_checkpoint(args.checkpoint)
+    check_input_folder(args.data, "--data")
+    check_output_file(args.out, "--out")
+    check_output_file(args.plot, "--plot")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from fxq.errors import InputError
     from fxq.models import build
     from fxq.passes.allocate import allocate_bits
     from fxq.passes.analysis_io import save_analysis
@@ -89,10 +125,9 @@ def run(args: argparse.Namespace) -> int:
     from fxq.ptq import float_graph
     from fxq.train.distributed import init_distributed
 
+    _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.size < 32:
-        raise InputError(f"--size {args.size} is too small: DETR backbones downsample by 32, use at least 32")
     main = init_distributed().is_main
     gm = float_graph(build(args.model, checkpoint=args.checkpoint, seed=0), (args.size, args.size))
     annotate_policy(gm, args.policy)

@@ -63,6 +63,14 @@ def _check(args: argparse.Namespace) -> None:
     if h < 32 or w < 32:
         raise InputError(f"--size {h} {w} is too small: DETR backbones downsample by 32, use at least 32 32")
     check_rows(args.rows)
+    from fxq.cli.checks import check_checkpoint, check_output_file
+
+    check_checkpoint(args.checkpoint)
+    for flag in ("json", "markdown", "latency_table"):
+        check_output_file(getattr(args, flag), f"--{flag.replace('_', '-')}")
+    bad = [b for b in args.latency_bits if not 1 <= b <= 16]
+    if bad:
+        raise InputError(f"--latency-bits {' '.join(map(str, args.latency_bits))}: bit-widths are 1..16")
     for flag, value, low in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0), ("--threads", args.threads, 1),
                              ("--calib-images", args.calib_images, 1), ("--profile-runs", args.profile_runs, 0),
                              ("--rounds", args.rounds, 1)):

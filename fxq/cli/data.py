@@ -41,6 +41,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fxq.train.run_folder import check_output_folder
+
+    check_output_folder(Path(args.out), "--out")
     start = time.perf_counter()
     files = write_synthetic(
         args.out,

@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--top-k", type=int, default=100, help="detections per image, sigmoid heads (default 100)"
     )
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="--model/--qat: leave out images that cannot be decoded (reports how many)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
 
@@ -87,14 +89,23 @@ def _ground_truth(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 
 def _check_args(args: argparse.Namespace, image_dir: Path | None) -> None:
+    from fxq.cli.checks import check_at_least, check_checkpoint, check_input_file, check_output_file, check_size
+
+    check_at_least(args, {"batch_size": 1, "top_k": 1})
+    check_size(args.size)
+    check_size(args.max_size, "--max-size")
+    if args.max_size is not None and args.max_size < args.size:
+        raise InputError(f"--max-size {args.max_size} is below --size {args.size}: the longer side cannot be "
+                         "shorter than the shorter one; raise --max-size or drop it")
+    check_input_file(args.predictions, "--predictions")
+    check_checkpoint(args.checkpoint)
+    check_output_file(args.out, "--out", create_folder=False)
     if args.checkpoint and not args.model:
         raise InputError("--checkpoint goes with --model")
     if (args.model or args.qat) and (image_dir is None or not image_dir.is_dir()):
         raise InputError(f"--model/--qat need the images: pass --data or --images (got {image_dir})")
     if args.checkpoint and args.qat:
         raise InputError("--checkpoint goes with --model; a --qat run holds its own weights")
-    if args.out and not Path(args.out).resolve().parent.is_dir():
-        raise InputError(f"folder of --out {args.out} does not exist: create it or choose another path")
 
 
 def _evaluate_model(
@@ -102,6 +113,7 @@ def _evaluate_model(
 ) -> dict:
     import torch
 
+    from fxq.cli.train import verify_images
     from fxq.data.coco import CocoDetection
     from fxq.data.collate import collate
     from fxq.data.transforms import eval_transforms
@@ -118,6 +130,7 @@ def _evaluate_model(
     else:
         dataset = CocoDetection(image_dir, ann_file, transforms=eval_transforms(args.size, args.max_size))
         model = build(args.model, checkpoint=args.checkpoint, seed=0)
+    verify_images(dataset, args.split or ann_file.stem.removeprefix("instances_"), args.skip_bad_images)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=False, collate_fn=collate
     )

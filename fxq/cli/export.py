@@ -5,6 +5,7 @@ for ``--runtime`` when given) and lower to an ONNX QDQ model. ``fxq export --qat
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "conv biases where its integer kernels need them, 4-bit weights cast to "
                                      "int8 kernels; the report lists the kernel each quantized node runs on")
     p.add_argument("--json", help="also write the report as JSON to this file")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out calibration images that cannot be decoded (reports how many)")
     p.set_defaults(func=run)
 
 
@@ -46,24 +49,46 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give MODEL and --calib FOLDER (or --qat RUN to lower a QAT run)")
 
     from fxq.backends.capabilities import runtime_capabilities
+    from fxq.cli.train import verify_images
     from fxq.data import CocoDetection, collate, eval_transforms
-    from fxq.errors import InputError
+    from fxq.evaluation.finite import check_finite_weights
     from fxq.models import build
     from fxq.ptq import float_graph, quantize_ptq
+    from fxq.quant import parse_policy
 
     h, w = args.size
-    if h < 32 or w < 32:
-        raise InputError(f"--size {h} {w} is too small: DETR backbones downsample by 32, use at least 32 32")
+    _check_args(args)
+    parse_policy(args.policy)
     if args.runtime:
         runtime_capabilities(args.runtime)  # an unknown or uninstalled runtime fails before calibration
     data = CocoDetection.from_folder(args.calib, transforms=eval_transforms(min(h, w), max(h, w)))
+    verify_images(data, "calibration", args.skip_bad_images)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, collate_fn=collate)
     example = torch.zeros(1, 3, h, w)
-    float_gm = float_graph(build(args.model, checkpoint=args.checkpoint, seed=0), (h, w))
+    model = build(args.model, checkpoint=args.checkpoint, seed=0)
+    check_finite_weights(model, args.checkpoint or args.model)
+    float_gm = float_graph(model, (h, w))
     gm = quantize_ptq(float_gm, loader, args.policy, target=args.runtime, num_batches=args.calib_batches)
     _lower(gm, example, args, args.runtime,
            {"model": args.model, "policy": args.policy, "size": [h, w], "runtime": args.runtime})
     return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every option in range and every output path writable, before any model is built."""
+    from fxq.backends.onnx_export import MAX_OPSET, MIN_OPSET
+    from fxq.cli.checks import check_at_least, check_checkpoint, check_output_file, check_size
+    from fxq.errors import InputError
+
+    check_size(args.size)
+    check_at_least(args, {"calib_batches": 1, "batch_size": 1})
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise InputError(f"--opset {args.opset} is not supported: give {MIN_OPSET}..{MAX_OPSET} (21 for int4)")
+    check_checkpoint(args.checkpoint)
+    check_output_file(args.out, "--out")
+    check_output_file(args.json, "--json")
+    if args.json and args.out and Path(args.json).resolve() == Path(args.out).resolve():
+        raise InputError(f"--json {args.json} is the --out file: give the report another name")
 
 
 def _run_qat(args: argparse.Namespace) -> int:
@@ -74,6 +99,7 @@ def _run_qat(args: argparse.Namespace) -> int:
 
     if args.model or args.calib:
         raise InputError("--qat RUN takes model, policy and calibration from the run: drop MODEL and --calib")
+    _check_args(args)
     recipe, student = load_run(args.qat)
     runtime = args.runtime or recipe.target
     if runtime != recipe.target:
@@ -91,10 +117,44 @@ def _lower(gm, example, args: argparse.Namespace, runtime: str | None, record: d
     from fxq.backends.runtime_lower import lower_for_runtime
     from fxq.io import write_json
 
-    if runtime:
-        report = lower_for_runtime(gm, example, args.out, runtime, opset=args.opset, dynamic=not args.static)
-    else:
-        report = lower_to_onnx(gm, example, args.out, opset=args.opset, dynamic=not args.static)
+    before = _stamps(args.out)
+    try:
+        if runtime:
+            report = lower_for_runtime(gm, example, args.out, runtime, opset=args.opset, dynamic=not args.static)
+        else:
+            report = lower_to_onnx(gm, example, args.out, opset=args.opset, dynamic=not args.static)
+        _check_outputs(args.out, example)
+    except BaseException:  # an error or Ctrl-C while writing: no half-written ONNX file stays behind
+        for path, stamp in _stamps(args.out).items():
+            if stamp != before.get(path):
+                path.unlink(missing_ok=True)
+        raise
     print(report)
     if args.json:
         write_json(args.json, {**record, **report.to_dict()})
+
+
+def _stamps(out: str) -> dict[Path, tuple[int, int]]:
+    """(mtime, size) of the ONNX file and its external data file, where they exist."""
+    paths = (Path(out), Path(f"{out}.data"))
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in paths if p.is_file()}
+
+
+def _check_outputs(out: str, example) -> None:
+    """InputError when the written ONNX model's outputs on ``example`` hold NaN or inf, naming the first output."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from fxq.errors import InputError
+
+    session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    if len(session.get_inputs()) != 1:
+        return
+    feed = {session.get_inputs()[0].name: example.numpy()}
+    for meta, value in zip(session.get_outputs(), session.run(None, feed), strict=True):
+        values = np.asarray(value)
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).sum())
+            raise InputError(f"the exported model's output {meta.name!r} holds {bad} NaN/inf of {values.size} values "
+                             f"on a zero image: the quantized graph is not usable ({out} was removed); check the "
+                             "checkpoint's weights and the calibration images")

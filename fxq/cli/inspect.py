@@ -31,6 +31,10 @@ def run(args: argparse.Namespace) -> int:
     h, w = args.size
     if h < 32 or w < 32:
         raise InputError(f"--size {h} {w} is too small: DETR backbones downsample by 32, use at least 32 32")
+    from fxq.cli.checks import check_checkpoint, check_output_file
+
+    check_checkpoint(args.checkpoint)
+    check_output_file(args.json, "--json")
     model = build(args.model, checkpoint=args.checkpoint)
     gm = trace(model, torch.zeros(1, 3, h, w))
     summary = role_summary(gm)

@@ -33,24 +33,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from fxq.cli.train import datasets, train_run
+    from fxq.cli.train import check_batches, check_run_arguments, datasets, train_run
     from fxq.io import write_atomic, write_json
     from fxq.models import build, config_of
     from fxq.models.centre_pretrainer import CentrePretrainer
     from fxq.objectives.centre import centre_loss
     from fxq.train import TrainConfig
+    from fxq.train.run_folder import claim_run_folder
 
     config_of(args.model)
+    check_run_arguments(args)
+    folder = claim_run_folder(args.out, vars(args), resume=args.resume, overwrite=args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     train_set, val_set = datasets(args)
+    check_batches(train_set, args.batch_size, args.train_split)
     detector = build(args.model, pretrained=False, seed=args.seed, num_classes=train_set.num_classes)
     model = CentrePretrainer(detector.backbone[0].body, train_set.num_classes).train()
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_backbone=args.lr,
                       weight_decay=args.weight_decay, clip_max_norm=0.0, schedule="cosine",
                       warmup_steps=args.warmup, seed=args.seed, ckpt_every=args.ckpt_every,
                       stop_after=args.stop_after, progress=not args.no_progress)
-    if not train_run(model, centre_loss, train_set, cfg, args):
+    if not train_run(model, centre_loss, train_set, cfg, args, folder):
         return 0
     model.eval()
     write_atomic(f"{args.out}/backbone.pt", lambda f: torch.save(model.backbone_state(), f), mode="wb")

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,8 @@ def coco_from_dict(data: dict, name: str = "the annotation set") -> COCO:
             raise InputError(
                 f"{name}: annotation {ann.get('id', '?')} lacks {missing}: fix or regenerate the file"
             )
+        _check_bbox(ann, name)
+    data["annotations"] = _drop_empty_boxes(anns, name)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -64,10 +68,40 @@ def coco_from_dict(data: dict, name: str = "the annotation set") -> COCO:
     return coco
 
 
+def _check_bbox(ann: dict, name: str) -> None:
+    bbox = ann["bbox"]
+    numbers = isinstance(bbox, list | tuple) and len(bbox) == 4 and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
+    if not numbers or not all(math.isfinite(v) for v in bbox):
+        raise InputError(
+            f"{name}: annotation {ann['id']} has bbox {bbox!r}; a bbox is 4 finite numbers [x, y, width, height]: "
+            "fix or regenerate the file"
+        )
+
+
+def _drop_empty_boxes(anns: list[dict], name: str) -> list[dict]:
+    """The annotations whose box has width and height > 0; a warning counts the others (they are dropped from
+    training targets and from the ground truth of evaluation alike)."""
+    kept = [a for a in anns if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+    dropped = [a for a in anns if not (a["bbox"][2] > 0 and a["bbox"][3] > 0)]
+    if dropped:
+        first = dropped[0]
+        warnings.warn(
+            f"{name}: dropped {len(dropped)} of {len(anns)} annotations whose box has width or height <= 0 "
+            f"(first: annotation {first['id']}, bbox {first['bbox']}); fix them to keep them",
+            UserWarning, stacklevel=3,
+        )
+    return kept
+
+
 def find_split(root: PathLike, split: str | None = None) -> tuple[Path, Path]:
     """``(annotation file, image folder)`` of a split of a COCO folder; with no split, ``val2017``, ``val`` or
     the only ``instances_*.json`` there."""
     root = Path(root)
+    if not root.is_dir():
+        what = "is a file" if root.exists() else "does not exist"
+        raise InputError(f"data folder {root} {what}: pass a COCO folder (annotations/ + image folders), "
+                         "e.g. one written by `fxq data synth --out DIR`")
     ann_dir = root / "annotations"
     available = sorted(p.name[len("instances_") : -len(".json")] for p in ann_dir.glob("instances_*.json"))
     if split is None:
@@ -142,11 +176,27 @@ class CocoDetection(torch.utils.data.Dataset):
     def load(self, index: int) -> tuple[Image.Image, dict]:
         """The untransformed RGB image and its target with absolute (x0, y0, x1, y1) boxes."""
         image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
-        with Image.open(self.image_dir / info["file_name"]) as im:
-            image = im.convert("RGB")
+        image = read_image(self.image_dir / self.coco.imgs[image_id]["file_name"])
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
         return image, _target(anns, image_id, image.width, image.height)
+
+    def verify_images(self, skip: bool = False) -> int:
+        """Decode every image; a bad one raises InputError naming it, or with ``skip`` is left out of the set.
+        Returns how many were left out."""
+        bad = []
+        for image_id in self.ids:
+            try:
+                read_image(self.image_dir / self.coco.imgs[image_id]["file_name"])
+            except InputError:
+                if not skip:
+                    raise
+                bad.append(image_id)
+        if len(bad) == len(self.ids):
+            raise InputError(f"none of the {len(bad)} images of {self.ann_file} could be decoded: check the "
+                             "image folder")
+        dropped = set(bad)
+        self.ids = [i for i in self.ids if i not in dropped]
+        return len(bad)
 
     def _item_seed(self, index: int) -> int:
         state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(2)
@@ -173,6 +223,18 @@ class CocoDetection(torch.utils.data.Dataset):
                     f"image file {path} (image_id {image_id} in {self.ann_file}) does not exist: "
                     "point the image folder at the split's images"
                 )
+
+
+def read_image(path: Path) -> Image.Image:
+    """The decoded RGB image at ``path``; a file that is not a readable image raises InputError naming it."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(
+            f"image {path} cannot be decoded ({type(exc).__name__}: {exc}): replace or remove it, or pass "
+            "--skip-bad-images to leave such images out"
+        ) from None
 
 
 def _target(anns: list[dict], image_id: int, width: int, height: int) -> dict:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from fxq.data.coco import load_coco
 from fxq.errors import InputError
+from fxq.evaluation.finite import check_finite_outputs, check_finite_weights
 from fxq.evaluation.postprocess import HEADS, postprocess, to_coco_results
 from fxq.tracing import model_batch
 
@@ -68,6 +69,7 @@ def evaluate_model(
     """Run ``model`` over ``loader`` (batches of ``(images, mask, targets)``, fed as
     :func:`fxq.tracing.model_batch` says: a graph traced with images only refuses padded batches), post-process
     with ``model.head`` and evaluate the images seen, as :func:`evaluate` (plus ``detections``, the COCO results).
+    NaN or inf in the model's weights or outputs raises InputError naming the first tensor or module.
     """
     head = getattr(model, "head", None)
     if head not in HEADS:
@@ -75,6 +77,7 @@ def evaluate_model(
             f"model.head is {head!r}: the model must say its classification head, one of {HEADS}"
         )
     gt = coco_gt if isinstance(coco_gt, COCO) else load_coco(coco_gt)
+    check_finite_weights(model)
     detections, seen = _predict(model, loader, head, progress, top_k)
     if not seen:
         raise InputError("the loader yielded no images: evaluate on a non-empty data set")
@@ -93,6 +96,8 @@ def _predict(model: torch.nn.Module, loader: Iterable, head: str, progress: bool
             for index, batch in enumerate(tqdm(loader, desc="eval", disable=not progress, leave=False)):
                 inputs, targets = model_batch(model, batch, need_targets=True, index=index)
                 outputs = model(*inputs)
+                scored = {k: outputs[k] for k in ("pred_logits", "pred_boxes") if k in outputs}
+                check_finite_outputs(model, scored, inputs, f"batch {index} of the evaluation")
                 sizes = torch.stack([t["orig_size"] for t in targets])
                 ids = [int(t["image_id"]) for t in targets]
                 detections += to_coco_results(postprocess(outputs, sizes, head, top_k), ids)

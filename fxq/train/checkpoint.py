@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from fxq.errors import CheckpointError
+from fxq.io import deferred_interrupt
 
 FORMAT = "fxq.train/1"
 
@@ -16,11 +17,16 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
     """Write ``payload`` (tensors and plain types) to ``path`` atomically; return the path."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **payload}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with deferred_interrupt():  # Ctrl-C takes effect once the new checkpoint is in place
+        try:
+            with open(tmp, "wb") as f:
+                torch.save({"format": FORMAT, **payload}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk leaves the previous checkpoint and no temp file
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 

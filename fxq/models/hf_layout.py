@@ -1,0 +1,647 @@
+"""Hugging Face Transformers checkpoints of DETR and Deformable DETR (``DetrForObjectDetection``,
+``DeformableDetrForObjectDetection``): a folder with ``config.json`` and ``model.safetensors`` (or a sharded
+``model.safetensors.index.json``, or a legacy ``pytorch_model.bin``), or a ``.safetensors`` file with its
+``config.json`` beside it.
+
+``config.json`` decides the fxq configuration (classes, queries, layers, widths, backbone, box refinement) and
+the weights are renamed to fxq's official layout: separate q/k/v projections become ``in_proj_weight``, the
+Transformers ResNet (``embedder`` / ``encoder.stages``) and the timm ResNet of the published hub checkpoints
+(``model.backbone.conv_encoder.model.*``, torchvision names) become ``backbone.0.body.*``, heads that
+Transformers ties or stores once are filled in. Both the on-disk names (``conv_encoder``, ``out_proj``,
+``fc1``) and the in-memory names of Transformers 5 (``backbone.model``, ``o_proj``, ``mlp.fc1``) are read.
+
+safetensors files load without pickle; ``pytorch_model.bin`` loads with ``torch.load(weights_only=True)``.
+Nothing here imports ``transformers``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxq.errors import CheckpointError, InputError
+
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+#: Transformers architectures fxq loads, and the fxq model family each becomes.
+SUPPORTED = {"DetrForObjectDetection": "detr", "DeformableDetrForObjectDetection": "deformable_detr"}
+#: The fxq backbone names for timm's ResNets (tags such as ``.a1_in1k`` are dropped).
+TIMM_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+SHOWN = 5
+_HF_BACKBONE = "model.backbone.conv_encoder.model."
+_FXQ_BODY = "backbone.0.body."
+
+
+@dataclass
+class TransformersCheckpoint:
+    """A Transformers checkpoint read into fxq terms."""
+
+    source: str
+    architecture: str
+    family: str
+    kwargs: dict[str, Any]
+    """fxq constructor keywords set by config.json."""
+    category_names: dict[int, str]
+    """class index -> name, from ``config.id2label``."""
+    state: dict[str, torch.Tensor] = field(repr=False)
+    """the weights in fxq's layout."""
+    origin: dict[str, str] = field(repr=False, default_factory=dict)
+    """fxq key -> the Transformers key(s) it came from."""
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def is_transformers_source(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding a Transformers ``config.json``, or a ``.safetensors`` file."""
+    path = Path(path)
+    return (path.is_dir() and (path / CONFIG_FILE).is_file()) or path.suffix == ".safetensors"
+
+
+def is_transformers_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a Transformers folder, or a ``.safetensors`` file with Transformers key names (only
+    the file's header is read)."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / CONFIG_FILE).is_file()
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), "pt") as handle:
+            keys = list(handle.keys())
+    except Exception:  # unreadable files are reported by the reader that follows
+        return False
+    return looks_like_transformers(dict.fromkeys(keys))
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``.safetensors`` file (no pickle involved)."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"reading {os.fspath(path)!r} needs the safetensors package: "
+                              "pip install safetensors") from None
+    try:
+        return load_file(os.fspath(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{os.fspath(path)!r} is not a readable safetensors file ({exc}); pass the "
+                              "model.safetensors written by save_pretrained") from None
+
+
+def looks_like_transformers(state: Mapping[str, Any]) -> bool:
+    """Whether a state_dict uses Transformers' DETR names rather than fxq's."""
+    return any(k.startswith(("model.", "class_labels_classifier.", "bbox_predictor.")) for k in state)
+
+
+def _weights_of(folder: Path) -> dict[str, torch.Tensor]:
+    single, index, legacy = (folder / name for name in WEIGHT_FILES)
+    if single.is_file():
+        return read_safetensors(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(read_safetensors(folder / shard))
+        return state
+    if legacy.is_file():
+        return dict(torch.load(legacy, map_location="cpu", weights_only=True))
+    raise CheckpointError(f"{os.fspath(folder)!r} has a {CONFIG_FILE} but no weights: expected one of "
+                          f"{', '.join(WEIGHT_FILES)} (save the model with save_pretrained)")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{os.fspath(path)!r} is not a readable config.json ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{os.fspath(path)!r} holds no JSON object: pass a Transformers config.json")
+    return config
+
+
+def read_transformers(path: str | os.PathLike) -> TransformersCheckpoint:
+    """A Transformers folder (or a ``.safetensors`` file with ``config.json`` beside it) in fxq terms; one
+    CheckpointError naming the field or the keys when the config is unsupported or disagrees with the weights."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} does not exist (pass a Transformers model folder "
+                              "or its model.safetensors)")
+    folder = path if path.is_dir() else path.parent
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{os.fspath(path)!r} has no {CONFIG_FILE} beside it: a Transformers checkpoint "
+                              "needs the config.json that save_pretrained writes with it")
+    config = _read_config(config_path)
+    hf_state = _weights_of(folder) if path.is_dir() else read_safetensors(path)
+    architecture, family, kwargs = config_kwargs(config, os.fspath(config_path))
+    check_config_against_weights(config, kwargs, family, hf_state, os.fspath(path))
+    state, origin, unused = to_fxq(hf_state, family, kwargs)
+    checkpoint = TransformersCheckpoint(os.fspath(path), architecture, family, kwargs, category_names(config),
+                                        state, origin)
+    _check_strict(checkpoint, unused)
+    return checkpoint
+
+
+def category_names(config: Mapping[str, Any]) -> dict[int, str]:
+    """Class index -> name from ``config.id2label`` (empty when the config has none)."""
+    return {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+
+
+def category_disagreements(model_names: Mapping[int, str], annotation_names: Mapping[int, str]) -> list[str]:
+    """Where a model's class names (``config.id2label``) and an annotation file's categories (id -> name) name
+    the same id differently, or the model has no class for an annotated id; Transformers' placeholder names
+    (``N/A``, ``LABEL_i``) are not compared. Empty when they agree."""
+    out = []
+    for cid, name in sorted(annotation_names.items()):
+        mine = model_names.get(cid)
+        if mine is None:
+            out.append(f"category {cid} ({name!r}) has no class in the model")
+        elif mine != "N/A" and mine != f"LABEL_{cid}" and mine.lower() != name.lower():
+            out.append(f"category {cid} is {name!r} in the annotations but {mine!r} in the model")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- config
+
+
+def _unsupported(source: str, field_name: str, value: Any, supported: str) -> CheckpointError:
+    return CheckpointError(f"{source}: {field_name} = {value!r} is not supported by fxq ({supported})")
+
+
+def architecture_of(config: Mapping[str, Any], source: str) -> str:
+    """The Transformers architecture a config describes; CheckpointError naming it and the supported ones when
+    fxq does not load it."""
+    names = config.get("architectures") or []
+    known = [n for n in names if n in SUPPORTED]
+    if known:
+        return known[0]
+    named = ", ".join(names) or f"model_type {config.get('model_type')!r}"
+    raise CheckpointError(f"{source} describes a {named} model; fxq loads only "
+                          f"{' and '.join(SUPPORTED)} (Transformers DETR / Deformable DETR with detection heads)")
+
+
+def config_kwargs(config: Mapping[str, Any], source: str = CONFIG_FILE) -> tuple[str, str, dict[str, Any]]:
+    """(architecture, fxq family, fxq constructor keywords) for a Transformers DETR / Deformable DETR config."""
+    architecture = architecture_of(config, source)
+    family = SUPPORTED[architecture]
+    for name, wanted in (("activation_function", "relu"), ("position_embedding_type", "sine")):
+        if config.get(name, wanted) != wanted:
+            raise _unsupported(source, name, config[name], f"only {wanted!r}")
+    _same(config, source, "encoder_attention_heads", "decoder_attention_heads", 8)
+    ffn_default = 2048 if family == "detr" else 1024
+    _same(config, source, "encoder_ffn_dim", "decoder_ffn_dim", ffn_default)
+    labels = category_names(config)
+    kwargs: dict[str, Any] = {
+        "hidden_dim": config.get("d_model", 256), "nheads": config.get("encoder_attention_heads", 8),
+        "enc_layers": config.get("encoder_layers", 6), "dec_layers": config.get("decoder_layers", 6),
+        "dim_feedforward": config.get("encoder_ffn_dim", ffn_default),
+        "num_queries": config.get("num_queries", 100 if family == "detr" else 300),
+        "num_classes": len(labels) if labels else config.get("num_labels", 91), "backbone_norm": "frozen_bn",
+    }
+    if family == "detr":
+        kwargs["head"] = "softmax"
+    else:
+        if config.get("two_stage", False):
+            raise _unsupported(source, "two_stage", True, "fxq's Deformable DETR is single-stage; use a "
+                               "checkpoint trained without two-stage")
+        kwargs.update(num_feature_levels=config.get("num_feature_levels", 4),
+                      enc_n_points=config.get("encoder_n_points", 4), dec_n_points=config.get("decoder_n_points", 4),
+                      with_box_refine=bool(config.get("with_box_refine", False)))
+    kwargs.update(backbone_kwargs(config, family, kwargs.get("num_feature_levels", 1), source))
+    return architecture, family, kwargs
+
+
+def _same(config: Mapping[str, Any], source: str, first: str, second: str, default: int) -> None:
+    a, b = config.get(first, default), config.get(second, default)
+    if a != b:
+        raise CheckpointError(f"{source}: {first} = {a} but {second} = {b}; fxq's models use one value for both")
+
+
+def backbone_kwargs(config: Mapping[str, Any], family: str, levels: int, source: str) -> dict[str, Any]:
+    """fxq's ``backbone_name``, ``base_width`` and ``dilation`` for the config's backbone (Transformers' own
+    ResNet or timm's); CheckpointError naming the field fxq cannot build."""
+    backbone = config.get("backbone_config")
+    if backbone is None:  # Transformers 4 configs: timm unless use_timm_backbone is false
+        if not config.get("use_timm_backbone", True):
+            raise CheckpointError(f"{source}: use_timm_backbone is false but backbone_config is missing; "
+                                  "fxq needs the ResNetConfig of the backbone")
+        backbone = {"model_type": "timm_backbone", "backbone": config.get("backbone") or "resnet50",
+                    "out_indices": (config.get("backbone_kwargs") or {}).get("out_indices")}
+    wanted = _wanted_stages(family, levels)
+    model_type = backbone.get("model_type")
+    if model_type == "resnet":
+        return _hf_resnet_kwargs(backbone, config, wanted, source)
+    if model_type == "timm_backbone":
+        return _timm_kwargs(backbone, config, family, wanted, source)
+    raise _unsupported(source, "backbone_config.model_type", model_type, "'resnet' or 'timm_backbone' with a ResNet")
+
+
+def _wanted_stages(family: str, levels: int) -> list[int]:
+    if family == "detr":
+        return [4]
+    return [2, 3, 4][-levels:] if levels < 3 else [2, 3, 4]
+
+
+def _hf_resnet_kwargs(backbone: Mapping[str, Any], config: Mapping[str, Any], wanted: list[int],
+                      source: str) -> dict[str, Any]:
+    from fxq.models.resnet import RESNET_LAYOUTS, Bottleneck
+
+    prefix = "backbone_config."
+    for name, value in (("hidden_act", "relu"), ("downsample_in_first_stage", False),
+                        ("downsample_in_bottleneck", False), ("num_channels", 3)):
+        if backbone.get(name, value) != value:
+            raise _unsupported(source, prefix + name, backbone[name], f"only {value!r}, as torchvision's ResNet")
+    if config.get("dilation"):
+        raise _unsupported(source, "dilation", True, "Transformers' own ResNet has no dilated stage")
+    layer_type = backbone.get("layer_type", "bottleneck")
+    depths = tuple(backbone.get("depths", (3, 4, 6, 3)))
+    block_kind = "bottleneck" if layer_type == "bottleneck" else "basic"
+    names = [n for n, (block, d) in RESNET_LAYOUTS.items()
+             if d == depths and (block is Bottleneck) == (block_kind == "bottleneck")]
+    if not names:
+        raise _unsupported(source, prefix + "depths", list(depths), f"with layer_type {layer_type!r} fxq builds "
+                           + ", ".join(f"{n} {list(d)}" for n, (block, d) in RESNET_LAYOUTS.items()
+                                       if (block is Bottleneck) == (block_kind == "bottleneck")))
+    width = backbone.get("embedding_size", 64)
+    expansion = 4 if block_kind == "bottleneck" else 1
+    sizes = [width * 2**i * expansion for i in range(4)]
+    if list(backbone.get("hidden_sizes", sizes)) != sizes:
+        raise _unsupported(source, prefix + "hidden_sizes", backbone["hidden_sizes"],
+                           f"with embedding_size {width} fxq's ResNet has {sizes}")
+    stages = backbone.get("out_indices") or [int(s.removeprefix("stage")) for s in backbone.get("out_features", [])]
+    if stages and list(stages) != wanted:
+        raise _unsupported(source, prefix + "out_indices", list(stages), f"this model takes stages {wanted}")
+    return {"backbone_name": names[0], "base_width": width, "dilation": False}
+
+
+def _timm_kwargs(backbone: Mapping[str, Any], config: Mapping[str, Any], family: str, wanted: list[int],
+                 source: str) -> dict[str, Any]:
+    name = str(backbone.get("backbone") or "resnet50").split(".")[0]
+    if name not in TIMM_RESNETS:
+        raise _unsupported(source, "backbone_config.backbone", backbone.get("backbone"),
+                           f"timm ResNets {', '.join(TIMM_RESNETS)}")
+    stages = backbone.get("out_indices")
+    if stages and (list(stages)[-1:] != [4] if family == "detr" else list(stages) != wanted):
+        raise _unsupported(source, "backbone_config.out_indices", list(stages), f"this model takes stages {wanted}")
+    dilation = bool(config.get("dilation")) or backbone.get("output_stride") == 16
+    if dilation and family != "detr":
+        raise _unsupported(source, "dilation", True, "fxq dilates the backbone of DETR only")
+    return {"backbone_name": name, "base_width": 64, "dilation": dilation}
+
+
+# ------------------------------------------------------------------------------------------------ key names
+
+_V5_NAMES = ((re.compile(r"^model\.backbone\.model\."), _HF_BACKBONE), (re.compile(r"\.o_proj\."), ".out_proj."),
+             (re.compile(r"(layers\.\d+)\.mlp\.fc(\d)\."), r"\1.fc\2."))
+
+_ENCODER_DETR = {"self_attn_layer_norm": "norm1", "fc1": "linear1", "fc2": "linear2", "final_layer_norm": "norm2",
+                 "self_attn.out_proj": "self_attn.out_proj"}
+_DECODER_DETR = {"self_attn_layer_norm": "norm1", "encoder_attn_layer_norm": "norm2", "fc1": "linear1",
+                 "fc2": "linear2", "final_layer_norm": "norm3", "self_attn.out_proj": "self_attn.out_proj",
+                 "encoder_attn.out_proj": "multihead_attn.out_proj"}
+_DEFORM_ATTN = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
+_ENCODER_DEFORM = {"self_attn_layer_norm": "norm1", "fc1": "linear1", "fc2": "linear2", "final_layer_norm": "norm2",
+                   **{f"self_attn.{p}": f"self_attn.{p}" for p in _DEFORM_ATTN}}
+_DECODER_DEFORM = {"encoder_attn_layer_norm": "norm1", "self_attn_layer_norm": "norm2", "fc1": "linear1",
+                   "fc2": "linear2", "final_layer_norm": "norm3", "self_attn.out_proj": "self_attn.out_proj",
+                   **{f"encoder_attn.{p}": f"cross_attn.{p}" for p in _DEFORM_ATTN}}
+_QKV = re.compile(r"^model\.(encoder|decoder)\.layers\.(\d+)\.(self_attn|encoder_attn)\.([qkv])_proj\.(weight|bias)$")
+_LAYER = re.compile(r"^model\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def canonical_name(key: str) -> str:
+    """A Transformers key in its on-disk spelling (Transformers 5's in-memory names renamed back)."""
+    for pattern, replacement in _V5_NAMES:
+        key = pattern.sub(replacement, key)
+    return key
+
+
+def _hf_resnet_name(rest: str) -> str | None:
+    """torchvision name of a Transformers ResNet key (below ``model``), or None."""
+    if m := re.fullmatch(r"embedder\.embedder\.(convolution|normalization)\.(\w+)", rest):
+        return ("conv1." if m[1] == "convolution" else "bn1.") + m[2]
+    if m := re.fullmatch(r"encoder\.stages\.(\d)\.layers\.(\d+)\.shortcut\.(convolution|normalization)\.(\w+)",
+                         rest):
+        return f"layer{int(m[1]) + 1}.{m[2]}.downsample.{0 if m[3] == 'convolution' else 1}.{m[4]}"
+    if m := re.fullmatch(r"encoder\.stages\.(\d)\.layers\.(\d+)\.layer\.(\d)\.(convolution|normalization)\.(\w+)",
+                         rest):
+        kind = "conv" if m[4] == "convolution" else "bn"
+        return f"layer{int(m[1]) + 1}.{m[2]}.{kind}{int(m[3]) + 1}.{m[5]}"
+    return None
+
+
+def _timm_name(rest: str) -> str | None:
+    ok = re.fullmatch(r"(conv1|bn1|layer[1-4]\.\d+\.(conv[1-3]|bn[1-3]|downsample\.[01]))\.\w+", rest)
+    return rest if ok else None
+
+
+def _backbone_name(key: str) -> str | None:
+    rest = key[len(_HF_BACKBONE):]
+    name = _hf_resnet_name(rest) if rest.startswith(("embedder.", "encoder.")) else _timm_name(rest)
+    return None if name is None else _FXQ_BODY + name
+
+
+def _head_name(key: str, family: str) -> str | None:
+    if family == "detr":
+        table = {"model.input_projection.": "input_proj.", "model.query_position_embeddings.": "query_embed.",
+                 "class_labels_classifier.": "class_embed.", "bbox_predictor.": "bbox_embed.",
+                 "model.decoder.layernorm.": "transformer.decoder.norm."}
+    else:
+        table = {"model.input_proj.": "input_proj.", "model.query_position_embeddings.": "query_embed.",
+                 "model.reference_points.": "transformer.reference_points.", "class_embed.": "class_embed.",
+                 "bbox_embed.": "bbox_embed.", "model.decoder.bbox_embed.": "transformer.decoder.bbox_embed."}
+        if key == "model.level_embed":
+            return "transformer.level_embed"
+    for hf, fxq in table.items():
+        if key.startswith(hf):
+            return fxq + key[len(hf):]
+    return None
+
+
+def fxq_name(key: str, family: str) -> str | None:
+    """fxq's name for one Transformers key (on-disk spelling; q/k/v projections excluded), or None."""
+    if key.startswith(_HF_BACKBONE):
+        return _backbone_name(key)
+    if m := _LAYER.match(key):
+        part, index, module, kind = m.groups()
+        tables = {("detr", "encoder"): _ENCODER_DETR, ("detr", "decoder"): _DECODER_DETR,
+                  ("deformable_detr", "encoder"): _ENCODER_DEFORM, ("deformable_detr", "decoder"): _DECODER_DEFORM}
+        target = tables[family, part].get(module)
+        return None if target is None else f"transformer.{part}.layers.{index}.{target}.{kind}"
+    return _head_name(key, family)
+
+
+def to_fxq(hf_state: Mapping[str, torch.Tensor], family: str, kwargs: Mapping[str, Any]
+           ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """(fxq state_dict, fxq key -> Transformers key(s), Transformers keys with no fxq place) for a Transformers
+    state_dict of ``family``."""
+    state: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    unused: list[str] = []
+    for raw, tensor in hf_state.items():
+        key = canonical_name(raw)
+        if key.endswith(".num_batches_tracked") and key.startswith(_HF_BACKBONE):
+            continue  # frozen batch norm keeps no counter
+        if m := _QKV.match(key):
+            part, index, attn, which, kind = m.groups()
+            target = "multihead_attn" if attn == "encoder_attn" else "self_attn"
+            if family == "deformable_detr" and (part, attn) != ("decoder", "self_attn"):
+                unused.append(raw)
+                continue
+            name = f"transformer.{part}.layers.{index}.{target}.in_proj_{kind}"
+            qkv.setdefault(name, {})[which] = tensor
+            origin[name] = key.replace(f".{which}_proj.", ".{q,k,v}_proj.")
+            continue
+        name = fxq_name(key, family)
+        if name is None:
+            unused.append(raw)
+        else:
+            state[name], origin[name] = tensor, raw
+    for name, parts in qkv.items():
+        if set(parts) == {"q", "k", "v"}:
+            state[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    _fill_tied_heads(state, origin, family, kwargs)
+    return state, origin, unused
+
+
+def _fill_tied_heads(state: dict[str, torch.Tensor], origin: dict[str, str], family: str,
+                     kwargs: Mapping[str, Any]) -> None:
+    """Heads Transformers stores once: per-layer class heads tied to the first, box heads shared with the
+    decoder (box refinement) or with the first layer's (no refinement)."""
+    if family != "deformable_detr":
+        return
+    refine = kwargs["with_box_refine"]
+    sources: list[tuple[str, Callable[[int], str]]] = [("class_embed.{}.", lambda i: "class_embed.0.")]
+    if refine:
+        sources += [("bbox_embed.{}.", lambda i: f"transformer.decoder.bbox_embed.{i}."),
+                    ("transformer.decoder.bbox_embed.{}.", lambda i: f"bbox_embed.{i}.")]
+    else:
+        sources += [("bbox_embed.{}.", lambda i: "bbox_embed.0.")]
+    for pattern, source_of in sources:
+        for layer in range(kwargs["dec_layers"]):
+            target, source = pattern.format(layer), source_of(layer)
+            if any(k.startswith(target) for k in state):
+                continue
+            for key in [k for k in state if k.startswith(source)]:
+                state[target + key[len(source):]] = state[key]
+                origin[target + key[len(source):]] = origin[key]
+
+
+# ----------------------------------------------------------------------------------------------- checking
+
+
+def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
+    found = {m[1] for k in state if (m := re.match(pattern, canonical_name(k)))}
+    return len(found)
+
+
+def _rows(state: Mapping[str, torch.Tensor], *keys: str) -> int | None:
+    by_name = {canonical_name(k): v for k, v in state.items()}
+    for key in keys:
+        if key in by_name:
+            return int(by_name[key].shape[0])
+    return None
+
+
+def check_config_against_weights(config: Mapping[str, Any], kwargs: Mapping[str, Any], family: str,
+                                 hf_state: Mapping[str, torch.Tensor], source: str) -> None:
+    """CheckpointError naming the first config.json field whose value the weights contradict."""
+    detr = family == "detr"
+    classes = _rows(hf_state, "class_labels_classifier.bias" if detr else "class_embed.0.bias")
+    queries = _rows(hf_state, "model.query_position_embeddings.weight")
+    facts = [
+        ("encoder_layers", kwargs["enc_layers"], _count(hf_state, r"^model\.encoder\.layers\.(\d+)\.")),
+        ("decoder_layers", kwargs["dec_layers"], _count(hf_state, r"^model\.decoder\.layers\.(\d+)\.")),
+        ("num_queries", kwargs["num_queries"], queries),
+        ("d_model", kwargs["hidden_dim"], _rows(hf_state, "model.encoder.layers.0.self_attn_layer_norm.weight")),
+        ("encoder_ffn_dim", kwargs["dim_feedforward"], _rows(hf_state, "model.encoder.layers.0.fc1.bias")),
+        ("id2label (number of labels)", kwargs["num_classes"],
+         None if classes is None else classes - (1 if detr else 0)),
+    ]
+    if not detr:
+        facts += [("num_feature_levels", kwargs["num_feature_levels"], _rows(hf_state, "model.level_embed")),
+                  ("with_box_refine", kwargs["with_box_refine"],
+                   any(canonical_name(k).startswith("model.decoder.bbox_embed.") for k in hf_state))]
+    for name, configured, found in facts:
+        if found not in (None, 0) and found != configured:
+            raise CheckpointError(f"{source}: config.json says {name} = {configured!r} but the weights hold "
+                                  f"{found!r}: the config does not belong to these weights (fix {name} or pass "
+                                  "the folder the weights were saved in)")
+
+
+def _check_strict(checkpoint: TransformersCheckpoint, unused: list[str]) -> None:
+    """CheckpointError listing Transformers keys fxq has no place for and fxq tensors the file lacks."""
+    from fxq.models.zoo import FAMILIES
+
+    with torch.device("meta"):
+        expected = FAMILIES[checkpoint.family](**checkpoint.kwargs).state_dict()
+    state = checkpoint.state
+    missing = [k for k in expected if k not in state]
+    extra = unused + [checkpoint.origin.get(k, k) for k in state if k not in expected]
+    wrong = [f"{checkpoint.origin.get(k, k)} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if not (missing or extra or wrong):
+        return
+    parts = [f"{name}: {len(items)} (first: {', '.join(items[:SHOWN])})"
+             for name, items in (("missing (fxq names)", missing), ("unexpected (Transformers names)", extra),
+                                 ("wrong shape (checkpoint vs config)", wrong)) if items]
+    raise CheckpointError(f"Transformers checkpoint {checkpoint.source!r} ({checkpoint.architecture}) does not "
+                          "match its config.json: " + "; ".join(parts)
+                          + ". Pass the folder save_pretrained wrote, unchanged.")
+
+
+# ------------------------------------------------------------------------------------------------- building
+
+
+def build_transformers(path: str | os.PathLike, name: str | None = None, strict: bool = True,
+                       seed: int | None = None, **overrides: Any) -> nn.Module:
+    """The fxq model a Transformers checkpoint describes, in eval mode, with its weights loaded and
+    ``category_names`` (class index -> name from ``config.id2label``) set on it.
+
+    ``name``: a zoo name whose family (DETR or Deformable DETR) must be the checkpoint's; config.json sets every
+    other hyperparameter. Keyword overrides change settings that do not touch the weights (e.g. ``aux_loss``).
+    """
+    from fxq.models.zoo import FAMILIES, config_of
+
+    checkpoint = read_transformers(path)
+    if name is not None and config_of(name)[0] != checkpoint.family:
+        raise InputError(f"{os.fspath(path)!r} holds a {checkpoint.architecture}; build it as a "
+                         f"{checkpoint.family} model (e.g. {checkpoint.family}_r50), not {name!r}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = FAMILIES[checkpoint.family](**{**checkpoint.kwargs, **overrides})
+    if strict:
+        from fxq.models.checkpoint import check_compatible
+
+        check_compatible(model, checkpoint.state, checkpoint.source, name or checkpoint.family)
+    model.load_state_dict(checkpoint.state, strict=strict)
+    model.category_names = checkpoint.category_names
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------- fxq -> Transformers
+
+
+def _inverse(table: Mapping[str, str]) -> dict[str, str]:
+    return {v: k for k, v in table.items()}
+
+
+def _hf_resnet_key(name: str) -> str:
+    """Transformers ResNet name (below ``model``) of a torchvision ResNet key."""
+    if m := re.fullmatch(r"(conv1|bn1)\.(\w+)", name):
+        return ("embedder.embedder.convolution." if m[1] == "conv1" else "embedder.embedder.normalization.") + m[2]
+    if m := re.fullmatch(r"layer(\d)\.(\d+)\.downsample\.([01])\.(\w+)", name):
+        kind = "convolution" if m[3] == "0" else "normalization"
+        return f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.{kind}.{m[4]}"
+    m = re.fullmatch(r"layer(\d)\.(\d+)\.(conv|bn)(\d)\.(\w+)", name)
+    if m is None:
+        raise InputError(f"backbone tensor {name!r} has no Transformers ResNet name")
+    kind = "convolution" if m[3] == "conv" else "normalization"
+    return f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[4]) - 1}.{kind}.{m[5]}"
+
+
+def transformers_key(name: str, family: str) -> str:
+    """The Transformers (on-disk) key of one fxq key; ``in_proj_*`` keys map to their ``{q,k,v}_proj`` stem."""
+    if name.startswith(_FXQ_BODY):
+        return _HF_BACKBONE + _hf_resnet_key(name[len(_FXQ_BODY):])
+    if m := re.fullmatch(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(weight|bias)", name):
+        part, index, module, kind = m.groups()
+        tables = {("detr", "encoder"): _ENCODER_DETR, ("detr", "decoder"): _DECODER_DETR,
+                  ("deformable_detr", "encoder"): _ENCODER_DEFORM, ("deformable_detr", "decoder"): _DECODER_DEFORM}
+        return f"model.{part}.layers.{index}.{_inverse(tables[family, part])[module]}.{kind}"
+    if m := re.fullmatch(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(\w+)\.in_proj_(weight|bias)", name):
+        part, index, attn, kind = m.groups()
+        return f"model.{part}.layers.{index}.{'encoder_attn' if attn == 'multihead_attn' else attn}.{{}}_proj.{kind}"
+    if name == "transformer.level_embed":
+        return "model.level_embed"
+    heads = ({"input_proj.": "model.input_projection.", "query_embed.": "model.query_position_embeddings.",
+              "class_embed.": "class_labels_classifier.", "bbox_embed.": "bbox_predictor.",
+              "transformer.decoder.norm.": "model.decoder.layernorm."} if family == "detr" else
+             {"input_proj.": "model.input_proj.", "query_embed.": "model.query_position_embeddings.",
+              "transformer.reference_points.": "model.reference_points.", "class_embed.": "class_embed.",
+              "bbox_embed.": "bbox_embed.", "transformer.decoder.bbox_embed.": "model.decoder.bbox_embed."})
+    for fxq, hf in sorted(heads.items(), key=lambda item: -len(item[0])):
+        if name.startswith(fxq):
+            return hf + name[len(fxq):]
+    raise InputError(f"fxq tensor {name!r} has no Transformers name")
+
+
+def transformers_config(model: nn.Module, category_names: Mapping[int, str] | None = None) -> dict[str, Any]:
+    """The Transformers config.json of an fxq DETR (softmax head) or Deformable DETR (single-stage)."""
+    from fxq.models.deformable_detr import DeformableDETR
+    from fxq.models.detr import DETR
+
+    deformable = isinstance(model, DeformableDETR)
+    if not deformable and not (isinstance(model, DETR) and model.head == "softmax"):
+        raise InputError(f"{type(model).__name__} (head {getattr(model, 'head', None)!r}) has no Transformers "
+                         "form: export a DETR with the softmax head or a Deformable DETR")
+    body = model.backbone[0].body
+    if any(isinstance(m, nn.Conv2d) and m.dilation != (1, 1) for m in body.modules()):
+        raise InputError("a dilated (DC5) backbone has no Transformers-ResNet form; export an undilated model")
+    transformer = model.transformer
+    layer = transformer.encoder.layers[0]
+    width, basic = body.conv1.out_channels, not hasattr(body.layer1[0], "conv3")
+    expansion = 1 if basic else 4
+    if transformer.d_model % 32 and deformable:
+        raise InputError(f"d_model {transformer.d_model} is not a multiple of 32, Transformers' GroupNorm groups")
+    names = dict(category_names or getattr(model, "category_names", None) or {})
+    config: dict[str, Any] = {
+        "architectures": ["DeformableDetrForObjectDetection" if deformable else "DetrForObjectDetection"],
+        "model_type": "deformable_detr" if deformable else "detr", "d_model": transformer.d_model,
+        "encoder_layers": len(transformer.encoder.layers), "decoder_layers": len(transformer.decoder.layers),
+        "encoder_attention_heads": transformer.nhead, "decoder_attention_heads": transformer.nhead,
+        "encoder_ffn_dim": layer.linear1.out_features, "decoder_ffn_dim": layer.linear1.out_features,
+        "num_queries": model.num_queries, "activation_function": "relu", "position_embedding_type": "sine",
+        "id2label": {str(i): names.get(i, f"LABEL_{i}") for i in range(model.num_classes)},
+        "label2id": {names.get(i, f"LABEL_{i}"): i for i in range(model.num_classes)},
+        "use_timm_backbone": False, "use_pretrained_backbone": False, "dilation": False,
+        "backbone_config": {
+            "model_type": "resnet", "embedding_size": width, "layer_type": "basic" if basic else "bottleneck",
+            "hidden_sizes": [width * 2**i * expansion for i in range(4)],
+            "depths": [len(getattr(body, f"layer{i}")) for i in range(1, 5)],
+            "out_features": [n.replace("layer", "stage") for n in body.return_layers]},
+    }
+    if deformable:
+        config.update(num_feature_levels=model.num_feature_levels, with_box_refine=model.with_box_refine,
+                      two_stage=False, tie_word_embeddings=not model.with_box_refine,
+                      encoder_n_points=layer.self_attn.n_points,
+                      decoder_n_points=transformer.decoder.layers[0].cross_attn.n_points)
+    return config
+
+
+def save_transformers(model: nn.Module, folder: str | os.PathLike,
+                      category_names: Mapping[int, str] | None = None) -> Path:
+    """Write an fxq DETR / Deformable DETR as a Transformers folder (``config.json``, ``model.safetensors``)
+    that ``from_pretrained`` loads; returns the folder. ``category_names``: class index -> name for
+    ``id2label`` (default: the model's ``category_names``, else ``LABEL_i``)."""
+    from safetensors.torch import save_file
+
+    config = transformers_config(model, category_names)
+    family = SUPPORTED[config["architectures"][0]]
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        key = transformers_key(name, family)
+        if "{}" in key:
+            for part, chunk in zip("qkv", tensor.chunk(3), strict=True):
+                tensors[key.format(part)] = chunk.clone()
+        else:
+            tensors[key] = tensor.detach().clone()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / WEIGHT_FILES[0], metadata={"format": "pt"})
+    return folder
