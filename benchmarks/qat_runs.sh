@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The QAT runs behind benchmarks/qat_table.py: benchmarks/qat_runs.sh MODEL ROW... (one thread each; two queues
 # share the 2 cores). Rows: qat, qat_fr_person, qat_kd, qat_kd_fr_person, qat_seed1, qat_fr_person_seed1,
-# w4a8_qat, w4a8_qat_fr_person, w2a4_qat, w2a4_qat_fr_person. Every run is resumable: rerunning continues
+# w4a8_qat, w4a8_qat_fr_person, w2a4_qat, w2a4_qat_fr_person, and the distillation rows of issue 14: qat_drd,
+# qat_aq, qat_drd_aq (names compose: _kd, _drd, _aq select --distill methods; _drdw<λ> is DRD with
+# --drd-weight λ, qat_drdw0 distribution alignment alone). Every run is resumable: rerunning continues
 # unfinished runs and skips finished ones. This session ran
 #   benchmarks/qat_runs.sh detr_tiny qat qat_fr_person qat_kd qat_kd_fr_person qat_seed1 qat_fr_person_seed1
 #   benchmarks/qat_runs.sh deformable_detr_tiny qat qat_fr_person qat_kd w2a4_qat
+# and for issue 14
+#   benchmarks/qat_runs.sh detr_tiny qat qat_drd qat_aq qat_drd_aq qat_kd
+#   benchmarks/qat_runs.sh deformable_detr_tiny qat qat_drd_aq qat_drd qat_aq qat_kd
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$1; shift
@@ -20,11 +25,16 @@ for name in "$@"; do
     w2a4_*) args=(--policy W2A4-Att8) ;;
   esac
   args+=(--seed "$seed")
-  [[ $name == *_kd* ]] && args+=(--distill kd)
+  methods=()
+  for m in kd drd aq; do [[ $name == *_${m}_* || $name == *_${m} ]] && methods+=("$m"); done
+  # _drdw<λ>: DRD with λ_DRD = λ (qat_drdw0: distribution alignment alone, no DRD loss)
+  if [[ $name =~ _drdw([0-9.]+) ]]; then methods+=(drd); args+=(--drd-weight "${BASH_REMATCH[1]}"); fi
+  if (( ${#methods[@]} )); then args+=(--distill "$(IFS=+; echo "${methods[*]}")"); fi
   [[ $name == *fr_person* ]] && args+=("${FR[@]}")
   out="$RUNS/$MODEL/$name"
   if [[ -f "$out/eval.json" ]]; then echo "skip $out"; continue; fi
-  resume=(); [[ -f "$out/checkpoint.pt" ]] && resume=(--resume)
+  resume=(); [[ -d "$out" ]] && resume=(--overwrite)  # a run cut off before its first checkpoint starts over
+  [[ -f "$out/checkpoint.pt" ]] && resume=(--resume)
   echo "== $out: fxq qat $MODEL ${COMMON[*]} ${args[*]}"
   .venv/bin/fxq qat "$MODEL" "${COMMON[@]}" "${args[@]}" "${resume[@]}" --out "$out"
 done

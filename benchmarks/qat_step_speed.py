@@ -1,9 +1,12 @@
-"""Time and peak memory of one training step: float training, QAT (4-4-8, LSQ) and QAT + Fisher-trace regularizer.
+"""Time and peak memory of one training step: float training, QAT (4-4-8, LSQ), and QAT with each loss term: the
+Fisher-trace regularizer (reg), KD (kd), Q-DETR's distribution alignment + DRD (drd), AQ-DETR's auxiliary query
+group + encoder attention distillation (aq), and drd+aq (issues 13 and 14, deliver 6: the per-step cost of each term).
 
-Run: .venv/bin/python benchmarks/qat_step_speed.py [--models detr_tiny detr_r50] [--rounds 2] [--steps 3]
+Run: .venv/bin/python benchmarks/qat_step_speed.py [--models detr_tiny deformable_detr_tiny detr_r50] [--rounds 2]
+[--steps 3] [--modes float qat ...]
 Each (model, mode) runs in its own process (peak RSS is per process); the modes are interleaved round by round,
 so drift on this shared machine hits them alike, and the table reports the median step time and ratios.
-detr_tiny: batch 8 at 160², embedded weights; detr_r50: batch 1 at 512², random weights. Random images with
+The tiny models: batch 8 at 160², embedded weights; detr_r50: batch 1 at 512², random weights. Random images with
 random boxes stand in for data (the step's cost does not depend on what the images show).
 Writes benchmarks/results/qat_step_speed.json.
 """
@@ -21,8 +24,8 @@ import time
 import torch
 from common import ROOT, markdown, save
 
-SETTINGS = {"detr_tiny": (8, 160), "detr_r50": (1, 512)}
-MODES = ("float", "qat", "qat+reg")
+SETTINGS = {"detr_tiny": (8, 160), "deformable_detr_tiny": (8, 160), "detr_r50": (1, 512)}
+MODES = ("float", "qat", "qat+reg", "qat+kd", "qat+drd", "qat+aq", "qat+drd+aq")
 
 
 def _batch(batch: int, size: int, num_classes: int):
@@ -37,20 +40,27 @@ def worker(model_name: str, mode: str, steps: int) -> dict:
     """Median seconds per optimizer step and peak RSS (MiB) of ``mode`` on ``model_name``."""
     import fxq
     from fxq.objectives import QATLoss, build_criterion
-    from fxq.objectives.fisher_reg import FisherTraceRegularizer
-    from fxq.passes.prepare_qat import prepare_qat, quantized_weights
+    from fxq.passes.distribution_alignment import align_queries
+    from fxq.passes.prepare_qat import prepare_qat
     from fxq.ptq import float_graph
+    from fxq.qat import QATCriterion, QATModule, qat_loss
 
     batch, size = SETTINGS[model_name]
     model = fxq.models.build(model_name, seed=0)
     float_gm = float_graph(model, (size, size))
     images, targets = _batch(batch, size, float_gm.num_classes)
-    net = float_gm
-    if mode != "float":
-        net = prepare_qat(float_gm, [images[:1]], "4-4-8", init="minmax").gm
-    criterion = build_criterion(float_gm.head, aux=False)
-    regularizer = FisherTraceRegularizer(quantized_weights(net), 1e-3) if mode == "qat+reg" else None
-    loss_fn = QATLoss(criterion, None, regularizer)
+    methods = mode.split("+")[1:]
+    if mode == "float":
+        net, loss_fn = float_gm, QATLoss(build_criterion(float_gm.head, aux=False), None, None)
+    else:
+        student = prepare_qat(float_gm, [images[:1]], "4-4-8", init="minmax").gm
+        if "drd" in methods:
+            align_queries(student, images[:1])
+        distill = [m for m in methods if m != "reg"]
+        options = {"distill": "+".join(distill) or None, "fisher_reg": 1e-3 if "reg" in methods else 0.0}
+        net = QATModule(student, float_gm if distill else None, train_outputs=bool({"drd", "aq"} & set(distill)),
+                        query_groups=2 if "aq" in distill else 1)
+        loss_fn = QATCriterion(qat_loss(student, options, [1]))
     net.train()
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
     times = []
@@ -68,6 +78,7 @@ def worker(model_name: str, mode: str, steps: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -80,7 +91,7 @@ def main() -> None:
     runs: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.rounds):
         for model in args.models:
-            for mode in MODES:
+            for mode in args.modes:
                 cmd = [sys.executable, __file__, "--worker", model, mode, "--steps", str(args.steps),
                        "--threads", str(args.threads)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -89,7 +100,7 @@ def main() -> None:
     for model in args.models:
         base = statistics.median(r["step_s"] for r in runs[(model, "float")])
         qat = statistics.median(r["step_s"] for r in runs[(model, "qat")])
-        for mode in MODES:
+        for mode in args.modes:
             step = statistics.median(r["step_s"] for r in runs[(model, mode)])
             rows.append({"model": model, "mode": mode, "step_s": step, "x_float": step / base,
                          "x_qat": step / qat, "peak_mib": max(r["peak_mib"] for r in runs[(model, mode)])})

@@ -1,5 +1,5 @@
-"""QAT results table (issue 13): fp32, the best PTQ at 4-4-8 and every finished `fxq qat` run of each tiny model,
-with paired bootstrap intervals over validation images for the differences.
+"""QAT results table (issues 13 and 14): fp32, the best PTQ at 4-4-8 and every finished `fxq qat` run of each tiny
+model, with paired bootstrap intervals over validation images for the differences.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/qat_table.py [--reuse]
 (≈ 2 min per row: evaluation on the validation and the training images, and the bootstrap; writes
@@ -12,7 +12,8 @@ AP of the 5 categories (of all 24) whose AP drops most from fp32 to PTQ (listed 
 on the first 250 training images the run's sampler drew (epoch 0, in order; fp32 and PTQ: those of the seed-0
 runs); minutes (QAT: the run log's last "time"; PTQ: calibration). Differences, each with a paired bootstrap
 interval over validation images (fxq.evaluation.bootstrap_metrics; all rows share the draws): every QAT row vs
-PTQ (AP), +FR vs the same run without it and KD vs no KD (AP, critical AP, most-hurt AP).
+PTQ (AP), +FR vs the same run without it (AP, critical AP, most-hurt AP), and each distillation row (_kd, _drd, _aq
+and their combinations) vs plain qat of the same seed and policy (AP, AP50, critical AP, most-hurt AP).
 
 Each row's detections are cached in runs/qat/<model>/table_cache/<row>.json, not in qat.json (100 detections
 per image: about 3 MB per row and split); --reuse takes a cached row when its inputs are unchanged.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,8 +42,9 @@ from fxq.train.sampler import EpochBatchSampler
 #: lp:3 for both: the best fast method at 4-4-8 (RESULTS.md: detr_tiny lp:3 0.439; deformable_detr_tiny lp:3
 #: 0.765, DetPTQ 0.774 but 5 min of calibration, too slow for this table's budget).
 BEST_PTQ = {"detr_tiny": "lp:3", "deformable_detr_tiny": "lp:3"}
-RUN_ORDER = ["qat", "qat_kd", "qat_fr_person", "qat_kd_fr_person", "qat_seed1", "qat_fr_person_seed1"]
-METRICS = {"AP": "AP", "critical_AP": "critical_mAP"}  # + most_hurt_AP, per model
+RUN_ORDER = ["qat", "qat_kd", "qat_drd", "qat_drdw0", "qat_drdw0.3", "qat_aq", "qat_drd_aq", "qat_fr_person",
+             "qat_kd_fr_person", "qat_seed1", "qat_fr_person_seed1"]
+METRICS = {"AP": "AP", "AP50": "AP50", "critical_AP": "critical_mAP"}  # + most_hurt_AP, per model
 HURT = 5
 
 
@@ -115,13 +118,17 @@ def _row_detections(model: str, runs: Path, val, train_set, args) -> dict[str, d
 
 
 def _differences(name: str, names: list[str], boot: dict) -> list[dict]:
-    """The comparisons with ``name`` as b: QAT vs PTQ (AP); +FR and +KD vs the same run without them."""
+    """The comparisons with ``name`` as b: QAT vs PTQ (AP); +FR vs the same run without it; a distillation
+    row vs plain qat of its seed."""
     if name in ("fp32", "ptq"):
         return []
     pairs = [("ptq", ["AP"])]
-    for tag in ("_fr_person", "_kd"):
-        if tag in name and name.replace(tag, "") in names:
-            pairs.append((name.replace(tag, ""), ["AP", "critical_AP", "most_hurt_AP"]))
+    if "_fr_person" in name and name.replace("_fr_person", "") in names:
+        pairs.append((name.replace("_fr_person", ""), ["AP", "critical_AP", "most_hurt_AP"]))
+    # qat_drd_aq_seed1 -> qat_seed1, w2a4_qat_aq -> w2a4_qat, qat_drdw0.3 -> qat
+    plain = re.sub(r"_(kd|drd|aq|drdw[0-9.]+)(?=_|$)", "", name)
+    if plain != name and "_fr_person" not in name and plain in names:
+        pairs.append((plain, ["AP", "AP50", "critical_AP", "most_hurt_AP"]))
     out = []
     for base, keys in pairs:
         result = compare(boot[base], boot[name])

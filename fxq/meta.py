@@ -164,17 +164,19 @@ MODEL: Key[ModelInfo] = declare(
     "what the traced model declared (head, classes, queries) and whether the graph takes a mask", graph=True)
 MODULE: Key[str] = declare(
     "fxq.module", str, "fxq.tracer",
-    (_B + "onnx_export", _B + "runtime_lower", _P + "insert_quant", _P + "policy", _P + "report",
-     _P + "runtime_prep", _P + "tie_groups"),
+    (_B + "onnx_export", _B + "runtime_lower", _P + "distribution_alignment", _P + "insert_quant", _P + "policy",
+     _P + "report", _P + "runtime_prep", _P + "tie_groups", _P + "training_graph"),
     "dotted path of the module whose forward created the node (state_dict prefix)")
 ROLE: Key[str] = declare(
     "fxq.role", str, "fxq.tracing",
     (_B + "node_map", _B + "runtime_lower", "fxq.costs", "fxq.roles", _P + "fold_bn",
-     _P + "insert_quant", _P + "policy", _P + "prepare_qat", _P + "remove_dropout", _P + "runtime_prep",
-     _P + "tie_groups", _P + "weights"),
+     _P + "distribution_alignment", _P + "insert_quant", _P + "policy", _P + "prepare_qat", _P + "remove_dropout",
+     _P + "runtime_prep", _P + "tie_groups", _P + "training_graph", _P + "weights"),
     "what the node computes: a value of fxq.roles (conv, linear, attn_qk, quantize, ...)")
 SHAPE: Key[list | None] = declare(
-    "fxq.shape", list | None, "fxq.costs", (_P + "insert_quant", _P + "prepare_qat", _P + "runtime_prep"),
+    "fxq.shape", list | None, "fxq.costs",
+    (_P + "distribution_alignment", _P + "insert_quant", _P + "prepare_qat", _P + "runtime_prep",
+     _P + "training_graph"),
     "output shape at the traced input size (a list of shapes for tuple outputs; None for non-tensors)")
 PARAMS: Key[int] = declare(
     "fxq.params", int, "fxq.costs", (),

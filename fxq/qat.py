@@ -33,7 +33,8 @@ TEACHER_KEY = "teacher"
 class QATRecipe:
     """What fixes a QAT student's graph: the model, its precision (a uniform ``policy`` or an ``allocation``
     file), the initial calibration method (``init``; None = the policy's default), the square input ``size``
-    the graph is traced at, whether affine zero-points learn, and the ``target`` runtime (None = plain QDQ)."""
+    the graph is traced at, whether affine zero-points learn, the ``target`` runtime (None = plain QDQ) and
+    whether Q-DETR's distribution alignment sits on the decoder's queries (``align_queries``; DRD)."""
 
     model: str
     policy: str | None = "4-4-8"
@@ -42,6 +43,7 @@ class QATRecipe:
     size: int = 160
     learn_zero_point: bool = True
     target: str | None = None
+    align_queries: bool = False
 
     def __post_init__(self) -> None:
         if (self.policy is None) == (self.allocation is None):
@@ -75,29 +77,60 @@ def teacher_graph(recipe: QATRecipe, checkpoint: str | None = None) -> DetectorG
 def student_and_teacher(recipe: QATRecipe, calib: Iterable, checkpoint: str | None = None,
                         progress: bool = False) -> tuple[DetectorGraph, DetectorGraph, dict]:
     """(student, teacher, prepare_qat's info): the student calibrated on ``calib`` with learnable quantizers."""
+    from fxq.passes.distribution_alignment import align_queries
     from fxq.passes.prepare_qat import prepare_qat
+    from fxq.tracing import model_batch
 
     teacher = teacher_graph(recipe, checkpoint)
     result = prepare_qat(teacher, calib, recipe.policy, allocation=recipe.allocation, init=recipe.init,
                          learn_zero_point=recipe.learn_zero_point, target=recipe.target, progress=progress)
+    if recipe.align_queries:
+        result.info["aligned"] = align_queries(result.gm, model_batch(result.gm, next(iter(calib))).inputs)
     return result.gm, teacher, result.info
 
 
 def rebuild_student(recipe: QATRecipe, state: Mapping[str, Tensor], init: str) -> DetectorGraph:
     """The student of ``recipe`` with the trained ``state`` (weights, scales, zero-points) loaded strictly."""
+    from fxq.passes.distribution_alignment import PREFIX, align_queries
     from fxq.passes.prepare_qat import qat_structure
 
-    return qat_structure(teacher_graph(recipe), state, recipe.policy, allocation=recipe.allocation, init=init,
-                         learn_zero_point=recipe.learn_zero_point, target=recipe.target)
+    aligned = {k: v for k, v in state.items() if k.startswith(PREFIX)}
+    if aligned and not recipe.align_queries:
+        raise InputError(f"the state holds distribution-alignment weights ({sorted(aligned)[0]}, ...) but the "
+                         "recipe has align_queries=False: it comes from another run's config.json")
+    gm = qat_structure(teacher_graph(recipe), {k: v for k, v in state.items() if k not in aligned}, recipe.policy,
+                       allocation=recipe.allocation, init=init, learn_zero_point=recipe.learn_zero_point,
+                       target=recipe.target)
+    if recipe.align_queries:
+        align_queries(gm)
+        gm.load_state_dict(state, strict=True)
+    return gm
 
 
 class QATModule(nn.Module):
-    """The student graph, plus the float teacher's outputs under ``"teacher"`` when ``teacher`` is given."""
+    """What the trainer trains: the student graph, plus the float teacher's outputs under ``"teacher"`` when
+    ``teacher`` is given.
 
-    def __init__(self, student: DetectorGraph, teacher: DetectorGraph | None = None) -> None:
+    In training mode with ``train_outputs`` (DRD, attention distillation) or ``query_groups`` > 1 (AQ-DETR's
+    auxiliary queries) it runs the student's training graph (:func:`fxq.passes.training_graph.training_graph`:
+    the same parameters, intermediate outputs, auxiliary groups), and the teacher's training graph alike; in
+    eval mode it is the student. The auxiliary queries, ``group_query_embed``, start as copies of the trained
+    queries plus Gaussian noise of 0.1 × their standard deviation (``seed``), and are not part of the student.
+    """
+
+    def __init__(self, student: DetectorGraph, teacher: DetectorGraph | None = None, *,
+                 train_outputs: bool = False, query_groups: int = 1, seed: int = 0) -> None:
+        from fxq.passes.training_graph import training_graph
+
         super().__init__()
-        self.student = student
-        self._teacher = None if teacher is None else (copy.deepcopy(teacher).eval().requires_grad_(False),)
+        self.student, self.query_groups = student, query_groups
+        views = train_outputs or query_groups > 1
+        if query_groups > 1:
+            self.group_query_embed = nn.Parameter(_auxiliary_queries(student, query_groups, seed))
+        self._train_graph = (training_graph(student, query_groups=query_groups,
+                                            group_embed=getattr(self, "group_query_embed", None)),) if views else None
+        teacher = None if teacher is None else copy.deepcopy(teacher).eval().requires_grad_(False)
+        self._teacher = None if teacher is None else (training_graph(teacher) if train_outputs else teacher,)
 
     @property
     def takes_mask(self) -> bool:
@@ -110,16 +143,29 @@ class QATModule(nn.Module):
         return None if self._teacher is None else self._teacher[0]
 
     def _apply(self, fn, recurse: bool = True):
-        if self._teacher is not None:
-            self._teacher[0]._apply(fn)
+        for held in (self._teacher, self._train_graph):
+            if held is not None:
+                held[0]._apply(fn)
         return super()._apply(fn, recurse)
 
     def forward(self, *inputs: Tensor) -> dict:
-        outputs = dict(self.student(*inputs))
+        from fxq.passes.training_graph import split_query_groups
+
+        if self.training and self._train_graph is not None:
+            outputs = split_query_groups(self._train_graph[0](*inputs), self.student.num_queries, self.query_groups)
+        else:
+            outputs = dict(self.student(*inputs))
         if self.teacher is not None:
             with torch.no_grad():
                 outputs[TEACHER_KEY] = self.teacher(*inputs)
         return outputs
+
+
+def _auxiliary_queries(student: DetectorGraph, groups: int, seed: int) -> Tensor:
+    queries = student.get_parameter("query_embed.weight").detach()
+    generator = torch.Generator().manual_seed(seed)
+    copies = queries.repeat(groups - 1, 1)
+    return copies + 0.1 * queries.std() * torch.randn(copies.shape, generator=generator).to(copies)
 
 
 class QATCriterion:
@@ -155,9 +201,12 @@ class _OverallWithCritical:
 
 
 def qat_loss(student: DetectorGraph, options: Mapping, critical_ids: list[int] | None) -> QATLoss:
-    """L_A (+ kd_weight·KD) (+ λ·tr(Î_F) of L_F over the quantized conv/linear weights) for ``options``."""
+    """L_A (+ the ``distill`` terms: KD, DRD, attention distillation) (+ λ·tr(Î_F) of L_F over the quantized
+    conv/linear weights) for ``options``."""
     from fxq.objectives import CriticalObjective, build_criterion
+    from fxq.objectives.attention_distill import AttentionDistillation
     from fxq.objectives.distill import DEFAULT_WEIGHTS, Distillation
+    from fxq.objectives.drd import TAU, RectificationDistillation
     from fxq.objectives.fisher_reg import FisherTraceRegularizer
     from fxq.passes.prepare_qat import quantized_weights
 
@@ -171,11 +220,35 @@ def qat_loss(student: DetectorGraph, options: Mapping, critical_ids: list[int] |
         detection = _OverallWithCritical(critical)
         regularizer = FisherTraceRegularizer(quantized_weights(student), options["fisher_reg"],
                                              options.get("fisher_warmup", 0))
-    distillation = None
-    if options.get("distill", "none") == "kd":
+    methods = distill_methods(options.get("distill"))
+    terms = []
+    if "kd" in methods:
         scale = options.get("kd_weight", 1.0)
-        distillation = Distillation(student.head, {k: scale * w for k, w in DEFAULT_WEIGHTS.items()})
-    return QATLoss(detection, distillation, regularizer)
+        terms.append(Distillation(student.head, {k: scale * w for k, w in DEFAULT_WEIGHTS.items()}))
+    if "drd" in methods:
+        terms.append(RectificationDistillation(options.get("drd_weight", DRD_WEIGHT), options.get("drd_tau", TAU)))
+    if "aq" in methods:
+        terms.append(AttentionDistillation(options.get("aq_weight", 1.0)))
+    return QATLoss(detection, terms, regularizer)
+
+
+#: The distillation methods ``--distill`` composes with "+": class/box KD, Q-DETR's DRD, AQ-DETR's auxiliary
+#: queries with encoder attention distillation.
+DISTILL_METHODS = ("kd", "drd", "aq")
+#: λ_DRD: Q-DETR's unofficial code trains on 0.5·(L_GT + 3·L_DRD).
+DRD_WEIGHT = 3.0
+
+
+def distill_methods(spec: str | None) -> tuple[str, ...]:
+    """The methods of a ``--distill`` value ("none", "kd", "drd+aq", ...), in DISTILL_METHODS order."""
+    if spec in (None, "", "none"):
+        return ()
+    names = spec.split("+")
+    unknown = [n for n in names if n not in DISTILL_METHODS]
+    if unknown or len(set(names)) != len(names):
+        raise InputError(f"--distill {spec!r}: {'unknown ' + str(unknown) if unknown else 'a repeated method'}; "
+                         f"use none or methods of {list(DISTILL_METHODS)} joined by '+' (e.g. drd+aq)")
+    return tuple(m for m in DISTILL_METHODS if m in names)
 
 
 def trained_cls_loss_coef(model: str) -> float | None:
@@ -215,7 +288,10 @@ def train_qat(recipe: QATRecipe, train_set, val_set, options: Mapping, out: Path
     start = time.perf_counter()
     calib = _calib_loader(calib_set or train_set, options["calib_images"])
     student, teacher, info = student_and_teacher(recipe, calib, checkpoint, progress=False)
-    module = QATModule(student, teacher if options.get("distill", "none") == "kd" else None)
+    methods = distill_methods(options.get("distill"))
+    groups = 1 + options.get("aux_groups", 1) if "aq" in methods else 1
+    module = QATModule(student, teacher if methods else None, train_outputs=bool({"drd", "aq"} & set(methods)),
+                       query_groups=groups, seed=options["seed"])
     criterion = QATCriterion(qat_loss(student, _with_coef(options, recipe.model), critical))
     trainer = Trainer(module, criterion, train_set, _train_config(options), out, collate, init_distributed())
     keep_qparams_valid(student, trainer.optimizer)

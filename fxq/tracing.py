@@ -22,6 +22,9 @@ from fxq.errors import InputError, TraceError
 from fxq.roles import role_of
 from fxq.tracer import FxqTracer, untraceable
 
+#: The output key of a training graph's intermediate tensors (:mod:`fxq.passes.training_graph`).
+TRAIN_OUTPUTS = "fxq_train"
+
 
 class DetectorGraph(torch.fx.GraphModule):
     """The GraphModule of a traced detector. ``meta["fxq.model"]`` holds what the model declared (``head``,

@@ -3,7 +3,8 @@
 Fine-tunes the traced, fake-quantized graph (learnable LSQ / LSQ+ quantizers, initialised by PTQ calibration on
 ``--calib-images`` training images) from the model's float weights with the detection loss L_A, optionally
 the Fisher-trace regularizer λ·tr(Î_F) of the critical loss L_F (``--fisher-reg λ --critical ...``) and
-distillation from the float model (``--distill kd``). Writes ``RUN/config.json``, ``RUN/checkpoint.pt``
+distillation from the float model (``--distill kd|drd|aq``, composable: ``drd+aq``; see
+:func:`fxq.qat.distill_methods`). Writes ``RUN/config.json``, ``RUN/checkpoint.pt``
 (resumable, ``--resume``), ``RUN/log.jsonl`` (every loss term, each step), and at the end ``RUN/qat_model.pt``
 (the student's state_dict: weights, scales, zero-points) and ``RUN/eval.json``. ``fxq eval --qat RUN`` scores it,
 ``fxq export --qat RUN`` lowers it. Works under ``torchrun --nproc_per_node N`` (gloo on CPU).
@@ -13,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-CONFIG_NAME = "config.json"
-MODEL_NAME = "qat_model.pt"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,9 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="critical categories (names, ids or supercategories): the regularizer's L_F, and the "
                    "critical mAP in eval.json")
     p.add_argument("--alpha", type=float, default=1.0, help="α of the critical objective α·L_A + L_F")
-    p.add_argument("--distill", choices=("none", "kd"), default="none",
-                   help="kd: class KL + box L1 + GIoU from the float model, same query index")
-    p.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation loss")
+    p.add_argument("--distill", default="none", metavar="METHODS",
+                   help="distillation from the float model: none, or methods joined by '+': kd (class + box KD), "
+                        "drd (Q-DETR: distribution alignment of the decoder queries + foreground-aware DRD), aq "
+                        "(AQ-DETR: auxiliary query groups + encoder attention distillation); e.g. drd+aq")
+    p.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KD loss (default 1)")
+    p.add_argument("--drd-weight", type=float, default=3.0, help="λ_DRD (default 3, Q-DETR's unofficial code)")
+    p.add_argument("--drd-tau", type=float, default=0.5, help="τ of the foreground-aware matching (default 0.5)")
+    p.add_argument("--aux-groups", type=int, default=1,
+                   help="auxiliary query groups of --distill aq, training only (default 1)")
+    p.add_argument("--aq-weight", type=float, default=1.0, help="weight of the encoder attention KL (default 1)")
     p.add_argument("--no-learn-zero-point", action="store_true", help="keep affine zero-points fixed (LSQ)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--steps", type=int, default=None, help="end (and fit the schedule) after this many steps, "
@@ -65,17 +70,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from fxq.cli.train import datasets, is_main
-    from fxq.data import CocoDetection, eval_transforms
-    from fxq.qat import QATRecipe, train_qat
+    from fxq.cli.train import check_batches, datasets, is_main
+    from fxq.data import CocoDetection, eval_transforms, resolve_categories
+    from fxq.qat import QATRecipe, distill_methods, train_qat
+    from fxq.train.run_folder import claim_run_folder
 
     _check_args(args)
+    folder = claim_run_folder(args.out, vars(args), resume=args.resume, overwrite=args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = QATRecipe(model=args.model, policy=args.policy, allocation=args.allocation, init=args.init,
-                       size=args.size, learn_zero_point=not args.no_learn_zero_point, target=args.runtime)
+                       size=args.size, learn_zero_point=not args.no_learn_zero_point, target=args.runtime,
+                       align_queries="drd" in distill_methods(args.distill))
     train_set, val_set = datasets(args)
+    check_batches(train_set, args.batch_size, args.train_split)
+    if args.critical:  # an unknown category fails here, before the run folder is written
+        resolve_categories(train_set.ann_file, args.critical)
     calib_set = CocoDetection.from_folder(args.data, args.train_split, transforms=eval_transforms(args.size))
+    calib_set.ids = list(train_set.ids)  # the images --skip-bad-images kept
+    folder.commit(main=is_main())
     result = train_qat(recipe, train_set, val_set, _options(args), Path(args.out), calib_set=calib_set,
                        resume=args.resume,
                        checkpoint=args.checkpoint, argv={k: v for k, v in vars(args).items() if k != "func"})
@@ -89,14 +102,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    keys = ("fisher_reg", "fisher_warmup", "critical", "alpha", "distill", "kd_weight", "calib_images", "epochs",
+    keys = ("fisher_reg", "fisher_warmup", "critical", "alpha", "distill", "kd_weight", "drd_weight", "drd_tau",
+            "aux_groups", "aq_weight", "calib_images", "epochs",
             "steps", "batch_size", "lr", "lr_backbone", "lr_quant", "weight_decay", "clip", "schedule", "warmup",
             "cls_loss_coef", "seed", "ckpt_every", "stop_after", "no_progress")
     return {k: getattr(args, k) for k in keys}
 
 
+#: Lower bounds of fxq qat's numeric options (None = not given).
+QAT_BOUNDS = {"threads": 1, "stop_after": 1, "ckpt_every": 0, "warmup": 0, "seed": 0, "lr": 0.0, "lr_backbone": 0.0,
+              "lr_quant": 0.0, "weight_decay": 0.0, "clip": 0.0, "alpha": 0.0, "cls_loss_coef": 0.0}
+
+
 def _check_args(args: argparse.Namespace) -> None:
+    from fxq.cli.checks import check_at_least, check_checkpoint, check_input_file, check_size
     from fxq.errors import InputError
+
+    check_at_least(args, QAT_BOUNDS)
+    check_size(args.size)
+    check_input_file(args.allocation, "--allocation")
+    check_checkpoint(args.checkpoint)
 
     if not (args.fisher_reg >= 0):
         raise InputError(f"--fisher-reg {args.fisher_reg}: λ must be >= 0 (0 turns the regularizer off)")
@@ -106,14 +131,13 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag in ("epochs", "batch_size", "calib_images", "steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give at least 1")
+    from fxq.qat import distill_methods
+
+    distill_methods(args.distill)
+    if args.aux_groups < 1:
+        raise InputError(f"--aux-groups {args.aux_groups}: give at least 1 auxiliary query group")
+    for flag in ("kd_weight", "drd_weight", "drd_tau", "aq_weight"):
+        if not (getattr(args, flag) >= 0):
+            raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a number >= 0")
     if args.fisher_warmup < 0:
         raise InputError(f"--fisher-warmup {args.fisher_warmup}: give 0 or more steps")
-    out = Path(args.out)
-    if (out / MODEL_NAME).exists() and not args.resume:
-        raise InputError(f"{out} holds a finished QAT run ({MODEL_NAME}); choose another --out (nothing was "
-                         "written)")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder for the run")
-    if (out / "checkpoint.pt").exists() and not args.resume:
-        raise InputError(f"{out} holds an unfinished run (checkpoint.pt): continue it with --resume or choose "
-                         "another --out (nothing was written)")

@@ -55,6 +55,8 @@ def box_giou_loss(student_boxes: Tensor, teacher_boxes: Tensor) -> Tensor:
 class Distillation:
     """Class + box distillation with a fixed query correspondence; call as ``kd(student, teacher) -> dict``."""
 
+    name = "kd"
+
     def __init__(self, head: str, weights: Mapping[str, float] | None = None) -> None:
         self.head = check_head(head)
         unknown = sorted(set(weights or {}) - set(TERMS))
@@ -69,7 +71,8 @@ class Distillation:
         """Plain-type settings (for fingerprints and logs)."""
         return {"head": self.head, "weights": dict(self.weights)}
 
-    def __call__(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def __call__(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor],
+                 targets: object = None) -> dict[str, Tensor]:
         """``kd.class``, ``kd.bbox``, ``kd.giou`` and their weighted sum ``loss_kd``."""
         for key in ("pred_logits", "pred_boxes"):
             if key not in student or key not in teacher:

@@ -2,51 +2,63 @@
 
 - L_det: the detection objective, a :class:`fxq.objectives.SetCriterion` (L_A) or a
   :class:`fxq.objectives.CriticalObjective` (α·L_A + L_F);
-- L_KD: :class:`fxq.objectives.distill.Distillation` from the float teacher's outputs (optional);
+- L_KD: distillation terms from the float teacher's outputs (optional): :class:`fxq.objectives.distill.Distillation`
+  (class + box KD), :class:`fxq.objectives.drd.RectificationDistillation` (Q-DETR's DRD),
+  :class:`fxq.objectives.attention_distill.AttentionDistillation` (AQ-DETR's encoder attention KL);
 - tr(Î_F): :class:`fxq.objectives.fisher_reg.FisherTraceRegularizer` (optional) of L_F (``loss_critical``)
   when the detection objective is a CriticalObjective, else of L_A (the ordinary empirical Fisher).
 
 The result holds ``loss`` (the total to backpropagate), ``loss_det``, the detection objective's own terms,
-``kd.*`` / ``loss_kd`` and ``fisher_trace`` / ``fisher_lambda`` / ``loss_fisher`` when those are used.
+``kd.*`` / ``loss_kd`` (``drd.*`` / ``loss_drd``, ``aq.*`` / ``loss_aq``) and
+``fisher_trace`` / ``fisher_lambda`` / ``loss_fisher`` when those are used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 from torch import Tensor
 
 from fxq.errors import InputError
-from fxq.objectives.distill import Distillation
 from fxq.objectives.fisher_reg import FisherTraceRegularizer
 
 
 class QATLoss:
-    """Call as ``loss(outputs, targets, teacher_outputs=None, step=0) -> dict`` of tensors."""
+    """Call as ``loss(outputs, targets, teacher_outputs=None, step=0) -> dict`` of tensors.
+
+    ``distillation``: one teacher term or a sequence of them, each a callable ``term(student, teacher, targets)``
+    returning its terms and ``loss_<term.name>`` (KD, DRD, attention distillation), which is added to the total.
+    """
 
     def __init__(self, detection: Callable[[dict, list[dict]], dict[str, Tensor]],
-                 distillation: Distillation | None = None,
+                 distillation: TeacherTerm | Sequence[TeacherTerm] | None = None,
                  regularizer: FisherTraceRegularizer | None = None) -> None:
-        self.detection, self.distillation, self.regularizer = detection, distillation, regularizer
+        terms = () if distillation is None else distillation
+        self.detection, self.regularizer = detection, regularizer
+        self.distillations = tuple(terms) if isinstance(terms, list | tuple) else (terms,)
 
     def config(self) -> dict:
         """Plain-type settings (for fingerprints and logs)."""
-        parts = {"detection": self.detection, "distillation": self.distillation, "regularizer": self.regularizer}
-        return {k: v.config() if hasattr(v, "config") else (None if v is None else type(v).__name__)
-                for k, v in parts.items()}
+        def of(part):
+            return part.config() if hasattr(part, "config") else (None if part is None else type(part).__name__)
+        distillation = {t.name: of(t) for t in self.distillations} or None
+        if distillation is not None and list(distillation) == ["kd"]:
+            distillation = distillation["kd"]  # the fingerprint of runs made before DRD / AQ existed
+        return {"detection": of(self.detection), "distillation": distillation, "regularizer": of(self.regularizer)}
 
     def __call__(self, outputs: Mapping[str, Tensor], targets: list[dict],
                  teacher_outputs: Mapping[str, Tensor] | None = None, step: int = 0) -> dict[str, Tensor]:
         det = self.detection(outputs, targets)
         result = {k: v for k, v in det.items() if k != "loss"}
         result["loss_det"] = total = det["loss"]
-        if self.distillation is not None:
-            if teacher_outputs is None:
-                raise InputError("the QAT loss distils from the float teacher: pass teacher_outputs (the float "
-                                 "graph's outputs on the same images, computed under torch.no_grad())")
-            kd = self.distillation(outputs, teacher_outputs)
-            result.update(kd)
-            total = total + kd["loss_kd"]
+        if self.distillations and teacher_outputs is None:
+            raise InputError("the QAT loss distils from the float teacher: pass teacher_outputs (the float "
+                             "graph's outputs on the same images, computed under torch.no_grad())")
+        for term in self.distillations:
+            values = term(outputs, teacher_outputs, targets)
+            result.update(values)
+            total = total + values[f"loss_{term.name}"]
         if self.regularizer is not None:
             inner = det["loss_critical"] if "loss_critical" in det else det["loss"]
             reg = self.regularizer(inner, step)
@@ -54,3 +66,11 @@ class QATLoss:
             total = total + reg["loss_fisher"]
         result["loss"] = total
         return result
+
+
+class TeacherTerm(Protocol):
+    """A distillation term: ``name`` ("kd", "drd", "aq") and ``term(student, teacher, targets) -> dict``."""
+
+    name: str
+
+    def __call__(self, student: Mapping, teacher: Mapping, targets: list[dict]) -> dict[str, Tensor]: ...
