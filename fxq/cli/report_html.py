@@ -1,0 +1,158 @@
+"""The run report as one self-contained HTML page: inline style and figures, no scripts, nothing fetched."""
+
+from __future__ import annotations
+
+import html
+import shlex
+from typing import Any
+
+from fxq.cli.report_chart import category_ap_svg
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; margin: 0 auto; max-width: 1100px;
+       padding: 16px 28px; line-height: 1.4; }
+h1 { font-size: 1.5em; margin: 0.2em 0; }
+h2 { font-size: 1.15em; margin: 1.3em 0 0.4em; border-bottom: 1px solid #ddd; }
+.sub { color: #666; margin: 0 0 0.8em; }
+table { border-collapse: collapse; font-size: 0.92em; } td, th { padding: 3px 10px; border-bottom: 1px solid #eee; }
+th { text-align: left; background: #f6f6f6; } td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+dl.facts { display: grid; grid-template-columns: max-content auto; gap: 2px 18px; margin: 0; }
+dl.facts dt { color: #666; } dl.facts dd { margin: 0; }
+tr.critical td:first-child { color: #c44e52; font-weight: bold; } tr.delta td { color: #555; font-style: italic; }
+figure { margin: 0.5em 0; } figure svg { max-width: 100%; height: auto; } figcaption { color: #666; font-size: 0.9em; }
+summary { cursor: pointer; margin: 0.4em 0; }
+pre { background: #f6f6f6; padding: 8px 10px; overflow-x: auto; font-size: 0.85em; white-space: pre-wrap; }
+footer { color: #888; font-size: 0.85em; margin-top: 2em; }
+"""
+
+
+def render_report(run: dict[str, Any], title: str) -> str:
+    """The HTML page of a run's artifacts (as :func:`fxq.cli.run_artifacts.read_run` gives them)."""
+    model, fp32, quant = run["model"], run["fp32"], run["quant"]
+    sections = [
+        f"<h1>{_e(model['model'])}: fp32 vs {_e(quant['graph'])}</h1>",
+        f"<p class=\"sub\">{_e(title)} · started {_e(run['environment']['started'])}</p>",
+        "<h2>Model and recipe</h2>", _summary(run),
+        "<h2>Accuracy</h2>", _accuracy(fp32, quant),
+        "<h2>Per-category AP</h2>", _figure(fp32, quant),
+        "<h2>Reproduce</h2>", _reproduce(run),
+        "<h2>Environment</h2>", _environment(run["environment"]),
+        "<h2>Per-category table</h2>", _categories(fp32, quant),
+        "<footer>Built by <code>fxq report</code> from recipe.yaml, environment.json, model.json, eval_fp32.json and "
+        "eval_quant.json alone.</footer>",
+    ]
+    body = "\n".join(sections)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>fxq report: {_e(model['model'])} {_e(quant['graph'])}</title>\n<style>{STYLE}</style>\n"
+            f"</head>\n<body>\n{body}\n</body>\n</html>\n")
+
+
+def _summary(run: dict) -> str:
+    recipe, model, quant = run["recipe"], run["model"], run["quant"]
+    critical = [row["name"] for row in run["fp32"]["categories"] if row["critical"]]
+    asked = " ".join(map(str, recipe.get("critical") or []))
+    size = "×".join(str(s) for s in model["size"])
+    facts = [
+        ("model", model["model"]),
+        ("weights", model["checkpoint"] or "fxq's embedded weights"),
+        ("parameters", f"{model['parameters']:,}"),
+        ("MACs", f"{model['macs'] / 1e9:.3f} G at {size} (batch 1, {model['graph_nodes']} graph nodes)"),
+        ("quantization", f"policy {recipe.get('policy')}, calibration {recipe.get('method')}, "
+                         f"{quant['quantizers']} fake quantizers"),
+        ("data", recipe.get("data") or f"synthetic set (seed {recipe.get('seed')}) in the run folder"),
+        ("images", f"{run['fp32']['num_images']} evaluated, {recipe.get('calib_images')} for calibration"),
+        ("critical", f"{', '.join(critical) or 'none'} (--critical {asked})"),
+    ]
+    return _facts(facts)
+
+
+def _accuracy(fp32: dict, quant: dict) -> str:
+    keys = ("AP", "AP50", "critical_mAP", "rest_mAP")
+    head = "".join(f"<th class=\"num\">{h}</th>" for h in ("AP", "AP50", "critical AP", "rest AP", "images",
+                                                             "detections", "PTQ s"))
+    rows = []
+    for record in (fp32, quant):
+        cells = "".join(f"<td class=\"num\">{_ap(record[k])}</td>" for k in keys)
+        rows.append(f"<tr><td>{_e(record['graph'])}</td>{cells}<td class=\"num\">{record['num_images']}</td>"
+                    f"<td class=\"num\">{record.get('num_detections', '')}</td>"
+                    f"<td class=\"num\">{_seconds(record.get('seconds'))}</td></tr>")
+    deltas = "".join(f"<td class=\"num\">{_delta(fp32[k], quant[k])}</td>" for k in keys)
+    rows.append(f"<tr class=\"delta\"><td>Δ quantized − fp32</td>{deltas}<td></td><td></td><td></td></tr>")
+    return (f"<table id=\"accuracy\"><tr><th>graph</th>{head}</tr>\n" + "\n".join(rows) + "</table>\n"
+            "<p class=\"sub\">COCO AP@[.50:.95]; critical / rest AP: mean per-category AP over the critical "
+            "categories / the others with ground truth.</p>")
+
+
+def _figure(fp32: dict, quant: dict) -> str:
+    svg = category_ap_svg(fp32["categories"], quant["categories"], quant["graph"])
+    return (f"<figure id=\"per-category-figure\">{svg}<figcaption>AP per category, fp32 (dark) vs "
+            f"{_e(quant['graph'])} (light); critical categories in red on a shaded band.</figcaption></figure>")
+
+
+def _reproduce(run: dict) -> str:
+    env = run["environment"]
+    return (f"<p>Command (every option spelled out):</p><pre id=\"command\">{_e(_shell_lines(env['command']))}</pre>"
+            f"<details><summary>Recipe: <code>recipe.yaml</code> of the run folder, for <code>fxq pipeline --recipe"
+            f"</code></summary><pre id=\"recipe\">{_e(run['recipe_text'])}</pre></details>"
+            f"<p>Process command line: <code>{_e(shlex.join(env.get('argv', [])))}</code></p>")
+
+
+def _shell_lines(command: str) -> str:
+    """``command`` with one option per line, joined by backslash-newlines (it pastes into a shell as it is)."""
+    words, lines = shlex.split(command), []
+    for word in words:
+        if word.startswith("--") or not lines:
+            lines.append([word])
+        else:
+            lines[-1].append(word)
+    return " \\\n    ".join(shlex.join(line) for line in lines)
+
+
+def _environment(env: dict) -> str:
+    facts = [("python", env["python"]), ("platform", env["platform"]), ("CPU", env["cpu"]),
+             ("CPUs", f"{env['cpu_count']} ({env.get('cpus_available', env['cpu_count'])} available to the run, "
+                      f"{env.get('torch_threads', '?')} torch threads)")]
+    packages = "".join(f"<tr><td>{_e(name)}</td><td>{_e(version or 'not installed')}</td></tr>"
+                       for name, version in env["packages"].items())
+    return _facts(facts) + f"<table id=\"packages\"><tr><th>package</th><th>version</th></tr>{packages}</table>"
+
+
+def _categories(fp32: dict, quant: dict) -> str:
+    quant_ap = {row["name"]: row["AP"] for row in quant["categories"]}
+    rows = []
+    for row in fp32["categories"]:
+        q = quant_ap.get(row["name"], -1.0)
+        cls = " class=\"critical\"" if row["critical"] else ""
+        rows.append(f"<tr{cls}><td>{_e(row['name'])}</td><td class=\"num\">{row['num_gt']}</td>"
+                    f"<td class=\"num\">{_ap(row['AP'])}</td><td class=\"num\">{_ap(q)}</td>"
+                    f"<td class=\"num\">{_delta(row['AP'], q)}</td></tr>")
+    head = ("<tr><th>category</th><th class=\"num\">GT boxes</th><th class=\"num\">fp32 AP</th>"
+            f"<th class=\"num\">{_e(quant['graph'])} AP</th><th class=\"num\">Δ</th></tr>")
+    return f"<table id=\"per-category\">{head}\n" + "\n".join(rows) + "</table>"
+
+
+def _facts(pairs: list[tuple[str, Any]]) -> str:
+    items = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in pairs)
+    return f"<dl class=\"facts\">{items}</dl>"
+
+
+def _ap(value: float | None) -> str:
+    """An AP as shown: three decimals, "—" when undefined (None), "n/a" without ground truth (negative)."""
+    if value is None:
+        return "—"
+    return "n/a" if value < 0 else f"{value:.3f}"
+
+
+def _delta(a: float | None, b: float | None) -> str:
+    if a is None or b is None or a < 0 or b < 0:
+        return ""
+    return f"{b - a:+.3f}"
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
