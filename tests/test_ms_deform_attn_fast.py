@@ -1,0 +1,258 @@
+"""The Gather + MatMul sampling core of multi-scale deformable attention (fxq/models/ms_deform_attn_fast.py).
+
+Checked against a float64 evaluation of the definition written here (bilinear sampling, zero padding,
+align_corners=False), against the model's own grid_sample core, and inside deformable_detr_tiny (embedded trained
+weights): eager, FX-traced, exported to ONNX and run by onnxruntime, float and W8A8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Callable, Iterator
+
+import onnx
+import pytest
+import torch
+
+import fxq
+import fxq.models.ms_deform_attn as msda
+from fxq.backends import OrtSession, lower_for_runtime, lower_to_onnx
+from fxq.models import ms_deform_attn_fast as fast
+from fxq.ptq import float_graph, quantize_ptq
+
+#: Stated tolerance of the fast core (module docstring): unit-normal values, attention weights summing to 1.
+CORE_ATOL = 1e-5
+
+CASES = [  # batch, levels (H, W), heads, head_dim, points, queries
+    (1, [(8, 8), (4, 4), (2, 2), (1, 1)], 8, 4, 4, 30),
+    (2, [(7, 9), (4, 5), (2, 3)], 3, 5, 2, 11),
+    (3, [(1, 6), (5, 1)], 2, 3, 3, 7),
+    (1, [(20, 20), (10, 10), (5, 5)], 4, 32, 4, 50),
+]
+
+
+def bilinear_reference(value: torch.Tensor, shapes: list[tuple[int, int]], locations: torch.Tensor,
+                       weights: torch.Tensor) -> torch.Tensor:
+    """Σ_l Σ_p a · bilinear(value_l, location) in float64, from the definition: pixel x = loc·W − 0.5, the four
+    integer neighbours weighted by (1 − |x − xi|)(1 − |y − yi|), neighbours outside the map read 0."""
+    batch, _, heads, dim = value.shape
+    queries = locations.shape[1]
+    out = torch.zeros(batch, queries, heads, dim, dtype=torch.float64)
+    n = torch.arange(batch)[:, None, None, None]
+    m = torch.arange(heads)[None, None, :, None]
+    maps = value.double().split([h * w for h, w in shapes], dim=1)
+    for level, (h, w) in enumerate(shapes):
+        grid = maps[level].reshape(batch, h, w, heads, dim)
+        x = locations[:, :, :, level, :, 0].double() * w - 0.5
+        y = locations[:, :, :, level, :, 1].double() * h - 0.5
+        a = weights[:, :, :, level].double()
+        for xi in (x.floor(), x.floor() + 1):
+            for yi in (y.floor(), y.floor() + 1):
+                inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
+                corner = (1 - (x - xi).abs()) * (1 - (y - yi).abs()) * inside * a
+                sample = grid[n, yi.clamp(0, h - 1).long(), xi.clamp(0, w - 1).long(), m]
+                out += (corner[..., None] * sample).sum(3)
+    return out.reshape(batch, queries, heads * dim)
+
+
+def random_inputs(batch: int, shapes: list[tuple[int, int]], heads: int, dim: int, points: int, queries: int,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """value N(0, 1); locations in [-0.6, 1.6] with some exactly on 0, 1, the pixel centres' edge and far out;
+    attention weights softmax over levels × points."""
+    g = torch.Generator().manual_seed(seed)
+    levels = len(shapes)
+    value = torch.randn(batch, sum(h * w for h, w in shapes), heads, dim, generator=g)
+    locations = torch.rand(batch, queries, heads, levels, points, 2, generator=g) * 2.2 - 0.6
+    flat = locations.view(-1)
+    specials = torch.tensor([0.0, 1.0, -3.0, 4.5, 0.5, -1e-7, 1 + 1e-7])
+    picks = torch.randint(0, flat.numel(), (flat.numel() // 5,), generator=g)
+    flat[picks] = specials[torch.randint(0, len(specials), picks.shape, generator=g)]
+    logits = torch.randn(batch, queries, heads, levels * points, generator=g)
+    weights = logits.softmax(-1).view(batch, queries, heads, levels, points)
+    return value, locations, weights
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}-L{len(c[1])}-m{c[2]}-d{c[3]}-p{c[4]}")
+def test_fast_core_equals_definition_and_model_core(case):
+    batch, shapes, heads, dim, points, queries = case
+    value, locations, weights = random_inputs(*case)
+    expected = bilinear_reference(value, shapes, locations, weights)
+    got = fast.ms_deform_attn_core_fast(value, shapes, locations, weights)
+    model_core = msda.ms_deform_attn_core(value, shapes, locations, weights)
+    assert got.shape == model_core.shape == (batch, queries, heads * dim)
+    assert got.dtype == torch.float32
+    assert (got.double() - expected).abs().max() <= CORE_ATOL
+    assert (model_core.double() - expected).abs().max() <= CORE_ATOL
+    assert (got - model_core).abs().max() <= CORE_ATOL
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=["n1-L4", "n2-L3", "n3-L2"])
+def test_fast_core_in_float64_is_the_definition(case):
+    """No rounding left: the form itself (corners, clamping, padding ring) is exact."""
+    _, shapes, *_ = case
+    value, locations, weights = (t.double() for t in random_inputs(*case, seed=1))
+    got = fast.ms_deform_attn_core_fast(value, shapes, locations, weights)
+    assert (got - bilinear_reference(value, shapes, locations, weights)).abs().max() <= 1e-12
+
+
+def test_fast_core_gradients_equal_the_model_core():
+    """float64, locations in [-0.3, 1.3] (partly off the map, away from the clamp's corners): the same gradients
+    for value, locations and weights, so the form can also be trained through."""
+    shapes = [(5, 6), (3, 2)]
+    g = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(2, 36, 3, 4, generator=g, dtype=torch.float64),
+              torch.rand(2, 7, 3, 2, 3, 2, generator=g, dtype=torch.float64) * 1.6 - 0.3,
+              torch.rand(2, 7, 3, 2, 3, generator=g, dtype=torch.float64)]
+    probe = torch.randn(2, 7, 12, generator=g, dtype=torch.float64)
+    grads = []
+    for core in (fast.ms_deform_attn_core_fast, msda.ms_deform_attn_core):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        (core(leaves[0], shapes, leaves[1], leaves[2]) * probe).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for got, expected in zip(*grads, strict=True):
+        assert (got - expected).abs().max() <= 1e-10
+
+
+def test_far_outside_reads_zeros_and_unnormalised_weights_scale():
+    value, locations, weights = random_inputs(1, [(4, 6), (2, 3)], 2, 3, 2, 5, seed=2)
+    outside = torch.where(torch.rand(locations.shape) < 0.5, -2.0, 3.0)
+    assert fast.ms_deform_attn_core_fast(value, [(4, 6), (2, 3)], outside, weights).abs().max() == 0
+    scaled = fast.ms_deform_attn_core_fast(value, [(4, 6), (2, 3)], locations, 3 * weights)
+    assert torch.allclose(scaled, 3 * fast.ms_deform_attn_core_fast(value, [(4, 6), (2, 3)], locations, weights),
+                          atol=3e-6)
+
+
+def test_sampling_core_dispatches_reference_in_torch():
+    case = CASES[1]
+    value, locations, weights = random_inputs(*case)
+    assert torch.equal(fast.sampling_core(value, case[1], locations, weights),
+                       msda.ms_deform_attn_core(value, case[1], locations, weights))
+
+
+@pytest.mark.parametrize("ref_levels", [3, 1])
+def test_fast_locations_are_bit_identical(ref_levels):
+    g = torch.Generator().manual_seed(3)
+    shapes = [(20, 20), (10, 13), (5, 7)]
+    reference = torch.rand(2, 9, ref_levels, 2, generator=g)
+    offsets = torch.randn(2, 9, 4, 3, 4, 2, generator=g) * 5
+    assert torch.equal(fast.sampling_locations_from_points_fast(reference, offsets, shapes),
+                       msda.sampling_locations_from_points(reference, offsets, shapes))
+
+
+# --- inside deformable_detr_tiny -------------------------------------------------------------------------------
+
+def _dispatch_core(value, spatial_shapes, sampling_locations, attention_weights):
+    return fast.sampling_core(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+@contextlib.contextmanager
+def forward_calling(core: Callable, locations: Callable | None = None) -> Iterator[None]:
+    """MSDeformAttn.forward as if its source called ``core`` (and ``locations``) instead of
+    ``ms_deform_attn_core`` (``sampling_locations_from_points``); the module's own functions stay as they are."""
+    original = msda.MSDeformAttn.forward
+    names = {"ms_deform_attn_core": core}
+    if locations is not None:
+        names["sampling_locations_from_points"] = locations
+    patched = types.FunctionType(original.__code__, {**original.__globals__, **names}, original.__name__,
+                                 original.__defaults__, original.__closure__)
+    msda.MSDeformAttn.forward = patched
+    try:
+        yield
+    finally:
+        msda.MSDeformAttn.forward = original
+
+
+WIRINGS = {
+    "fast-everywhere": (fast.ms_deform_attn_core_fast, None),
+    "dispatch": (_dispatch_core, None),
+    "dispatch+locations": (_dispatch_core, fast.sampling_locations_from_points_fast),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return fxq.models.build("deformable_detr_tiny"), torch.randn(2, 3, 160, 160)
+
+
+def _max_diff(a: dict, b: dict, key: str) -> float:
+    return (a[key] - b[key]).abs().max().item()
+
+
+@pytest.mark.parametrize("wiring", list(WIRINGS))
+def test_tiny_model_outputs_unchanged(tiny, wiring):
+    model, images = tiny
+    with torch.no_grad():
+        expected = model(images)
+        with forward_calling(*WIRINGS[wiring]):
+            got = model(images)
+    if wiring.startswith("dispatch"):
+        assert all(torch.equal(got[k], expected[k]) for k in ("pred_logits", "pred_boxes"))
+    assert _max_diff(got, expected, "pred_logits") <= 1e-4
+    assert _max_diff(got, expected, "pred_boxes") <= 1e-5
+
+
+def _ort(path, images) -> dict[str, torch.Tensor]:
+    return OrtSession(path, threads=1).run(images)
+
+
+@pytest.mark.parametrize("wiring", list(WIRINGS))
+def test_traced_and_exported_tiny_model_matches_torch(tiny, wiring, tmp_path):
+    model, images = tiny
+    with forward_calling(*WIRINGS[wiring]):
+        gm = float_graph(model, (160, 160))
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.nn.functional.grid_sample not in targets
+    if wiring.startswith("dispatch"):
+        assert targets.count(fast.sampling_core) == 5  # 2 encoder + 3 decoder layers
+    lower_to_onnx(gm, images[:1], tmp_path / "tiny.onnx", opset=17)
+    ops = {n.op_type for n in onnx.load(tmp_path / "tiny.onnx").graph.node}
+    assert "GridSample" not in ops and {"Gather", "MatMul"} <= ops
+    with torch.no_grad():
+        eager = model(images)
+        for size in ((160, 160), (128, 192)):  # the export is shape-dynamic
+            x = images if size == (160, 160) else torch.randn(1, 3, *size)
+            traced, ort = gm(x), _ort(tmp_path / "tiny.onnx", x)
+            if size == (160, 160):
+                assert _max_diff(traced, eager, "pred_logits") <= 1e-4
+            assert _max_diff(ort, traced, "pred_logits") <= 1e-4
+            assert _max_diff(ort, traced, "pred_boxes") <= 1e-5
+
+
+@pytest.mark.parametrize("runtime", [None, "ort-cpu"], ids=["plain-qdq", "ort-cpu"])
+def test_w8a8_export_parity_unchanged(tiny, runtime, tmp_path):
+    """ORT vs the fake-quant graph, W8A8 min-max, plain QDQ lowering and the runtime-aware one (`fxq bench`'s
+    fxq-int8 row): the rewrite adds at most float noise to today's gap."""
+    model, images = tiny
+    calib = [torch.randn(1, 3, 160, 160) for _ in range(2)]
+    gaps = {}
+    for name, wiring in (("today", None), ("dispatch", WIRINGS["dispatch+locations"])):
+        with forward_calling(*wiring) if wiring else contextlib.nullcontext():
+            gm = quantize_ptq(float_graph(model, (160, 160)), calib, "W8A8", progress=False, target=runtime)
+        path = tmp_path / f"{name}.onnx"
+        if runtime is None:
+            lower_to_onnx(gm, images[:1], path)
+        else:
+            lower_for_runtime(gm, images[:1], path, runtime)
+        with torch.no_grad():
+            traced = gm(images)
+        gaps[name] = {k: _max_diff(_ort(path, images), traced, k) for k in ("pred_logits", "pred_boxes")}
+    for key, floor in (("pred_logits", 1e-3), ("pred_boxes", 1e-4)):
+        assert gaps["dispatch"][key] <= max(2 * gaps["today"][key], floor), gaps
+
+
+def test_openvino_runs_the_export_as_onnxruntime_does(tiny, tmp_path):
+    """OpenVINO (when installed) computes the exported fast form as onnxruntime does (a 7-D broadcast Mul in an
+    earlier version of the weights came out wrong in OpenVINO 2026.4 while onnxruntime was right)."""
+    ov = pytest.importorskip("openvino")
+    model, images = tiny
+    with forward_calling(*WIRINGS["dispatch+locations"]):
+        gm = float_graph(model, (160, 160))
+    lower_to_onnx(gm, images[:1], tmp_path / "tiny.onnx", opset=17)
+    compiled = ov.Core().compile_model(str(tmp_path / "tiny.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = compiled.create_infer_request().infer({"images": images.numpy()})
+    by_name = {name: torch.from_numpy(value) for port, value in got.items() for name in port.get_names()}
+    expected = _ort(tmp_path / "tiny.onnx", images)
+    assert _max_diff(by_name, expected, "pred_logits") <= 1e-4
+    assert _max_diff(by_name, expected, "pred_boxes") <= 1e-5
