@@ -205,3 +205,12 @@ def annotate(gm: torch.fx.GraphModule, images: torch.Tensor, mask: torch.Tensor 
         node.meta["fxq.role"] = role_of(node, modules)
     record_shapes(gm, *((images,) if mask is None else (images, mask)))
     annotate_costs(gm)
+
+
+def train_output(outputs, key: str, needed_by: str) -> list:
+    """``outputs[TRAIN_OUTPUTS][key]`` of a training graph; InputError naming ``needed_by`` when absent."""
+    train = outputs.get(TRAIN_OUTPUTS)
+    if not train or not train.get(key):
+        raise InputError(f"{needed_by} needs outputs[{TRAIN_OUTPUTS!r}][{key!r}]: run it as the training graph of "
+                         "fxq.passes.training_graph")
+    return train[key]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from box_reference import giou
 
 from fxq.cli import main
 from fxq.data import CocoDetection, eval_transforms, write_synthetic
@@ -23,16 +24,6 @@ from fxq.tracing import TRAIN_OUTPUTS
 SIZE = 64
 
 
-def _giou(a, b) -> float:
-    """GIoU of two cxcywh boxes, by the definition, in Python floats."""
-    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
-    bx0, by0, bx1, by1 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
-    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    hull = (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
-    return inter / union - (hull - union) / hull
-
-
 def _boxes(generator: torch.Generator, n: int) -> torch.Tensor:
     centre = torch.rand(n, 2, generator=generator, dtype=torch.float64) * 0.6 + 0.2
     size = torch.rand(n, 2, generator=generator, dtype=torch.float64) * 0.3 + 0.05
@@ -44,11 +35,11 @@ def test_foreground_matching_equals_brute_force(seed):
     g = torch.Generator().manual_seed(seed)
     gt, student, teacher = _boxes(g, 3), _boxes(g, 12), _boxes(g, 12)
     tau = 0.5
-    giou = [[_giou(gt[i].tolist(), student[j].tolist()) for j in range(12)] for i in range(3)]
-    expect = [j for j in range(12) if any(giou[i][j] > tau * max(giou[i]) for i in range(3))]
+    table = [[giou(gt[i].tolist(), student[j].tolist()) for j in range(12)] for i in range(3)]
+    expect = [j for j in range(12) if any(table[i][j] > tau * max(table[i]) for i in range(3))]
     assert foreground_queries(student, gt, tau).tolist() == expect
     for j, k in zip(expect, match_teacher(student[expect], teacher).tolist(), strict=True):
-        scores = [2 * _giou(student[j].tolist(), teacher[t].tolist())
+        scores = [2 * giou(student[j].tolist(), teacher[t].tolist())
                   - 5 * sum(abs(x - y) for x, y in zip(student[j].tolist(), teacher[t].tolist(), strict=True))
                   for t in range(12)]
         assert k == max(range(12), key=scores.__getitem__)

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from box_reference import giou
 from test_qat import fixture_loader, tiny_float_graph
 from torch import nn
 
@@ -165,21 +166,11 @@ def test_regularizer_weight_warmup_and_bad_input():
 # -- distillation ----------------------------------------------------------------------------------------
 
 
-def _giou(a, b):
-    """GIoU of two cxcywh boxes, in plain Python."""
-    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
-    bx0, by0, bx1, by1 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
-    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    hull = (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
-    return inter / union - (hull - union) / hull
-
-
 def _direct(student, teacher, head):
     """The three distillation terms, per query in float64 from their definitions."""
     zs, zt = student["pred_logits"].double().flatten(0, 1), teacher["pred_logits"].double().flatten(0, 1)
     bs, bt = student["pred_boxes"].double().flatten(0, 1), teacher["pred_boxes"].double().flatten(0, 1)
-    cls, l1, giou = [], [], []
+    cls, l1, gious = [], [], []
     for i in range(zs.shape[0]):
         if head == "softmax":
             ps, pt = zs[i].exp() / zs[i].exp().sum(), zt[i].exp() / zt[i].exp().sum()
@@ -188,8 +179,8 @@ def _direct(student, teacher, head):
             ps, pt = 1 / (1 + (-zs[i]).exp()), 1 / (1 + (-zt[i]).exp())
             cls.append((pt * (pt / ps).log() + (1 - pt) * ((1 - pt) / (1 - ps)).log()).sum().item())
         l1.append((bs[i] - bt[i]).abs().sum().item())
-        giou.append(1 - _giou(bs[i].tolist(), bt[i].tolist()))
-    return {"kd.class": sum(cls) / len(cls), "kd.bbox": sum(l1) / len(l1), "kd.giou": sum(giou) / len(giou)}
+        gious.append(1 - giou(bs[i].tolist(), bt[i].tolist()))
+    return {"kd.class": sum(cls) / len(cls), "kd.bbox": sum(l1) / len(l1), "kd.giou": sum(gious) / len(gious)}
 
 
 def _outputs(batch, queries, logits, seed):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fxq.errors import InputError
-from fxq.tracing import TRAIN_OUTPUTS
+from fxq.tracing import train_output
 
 TINY = 1e-12
 
@@ -49,17 +49,11 @@ class AttentionDistillation:
         return {"weight": self.weight}
 
     def __call__(self, student: Mapping, teacher: Mapping, targets=None) -> dict[str, Tensor]:
-        s_maps, t_maps = _maps(student, "student"), _maps(teacher, "teacher")
+        s_maps = train_output(student, "encoder_attention", "attention distillation (student)")
+        t_maps = train_output(teacher, "encoder_attention", "attention distillation (teacher)")
         if len(s_maps) != len(t_maps):
             raise InputError(f"the student has {len(s_maps)} encoder layers, the teacher {len(t_maps)}: distil from "
                              "the float graph of the same model")
         kl = torch.stack([attention_kl(s, t) for s, t in zip(s_maps, t_maps, strict=True)]).mean()
         return {"aq.attention_kl": kl, "loss_aq": self.weight * kl}
 
-
-def _maps(outputs: Mapping, who: str) -> list[Tensor]:
-    train = outputs.get(TRAIN_OUTPUTS)
-    if not train or not train.get("encoder_attention"):
-        raise InputError(f"attention distillation needs the {who}'s encoder attention maps: run it as the training "
-                         "graph of fxq.passes.training_graph (outputs['fxq_train']['encoder_attention'])")
-    return train["encoder_attention"]

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from fxq.errors import InputError
 from fxq.objectives.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from fxq.tracing import TRAIN_OUTPUTS
+from fxq.tracing import train_output
 
 TAU, MU1, MU2 = 0.5, 2.0, 5.0
 
@@ -73,7 +73,8 @@ class RectificationDistillation:
         return result
 
     def __call__(self, student: Mapping, teacher: Mapping, targets: Sequence[dict]) -> dict[str, Tensor]:
-        s_feats, t_feats = _features(student, "student"), _features(teacher, "teacher")
+        s_feats = train_output(student, "cross_attention", "DRD (student)")
+        t_feats = train_output(teacher, "cross_attention", "DRD (teacher)")
         pairs = self.pairs(student, teacher, targets)
         distances = [(s[b, kept] - t[b, matched].detach()).norm(dim=-1)
                      for s, t in zip(s_feats, t_feats, strict=True) for b, (kept, matched) in enumerate(pairs)]
@@ -82,10 +83,3 @@ class RectificationDistillation:
         count = torch.tensor(float(sum(len(k) for k, _ in pairs)), device=distance.device)
         return {"drd.pairs": count, "drd.distance": distance, "loss_drd": self.weight * distance}
 
-
-def _features(outputs: Mapping, who: str) -> list[Tensor]:
-    train = outputs.get(TRAIN_OUTPUTS)
-    if not train or not train.get("cross_attention"):
-        raise InputError(f"DRD needs the {who}'s decoder cross-attention features: run it as the training graph "
-                         "of fxq.passes.training_graph (outputs['fxq_train']['cross_attention'])")
-    return train["cross_attention"]
