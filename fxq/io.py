@@ -10,7 +10,10 @@ import signal
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import IO, Any
+
+from fxq.errors import InputError
 
 
 @contextlib.contextmanager
@@ -61,3 +64,15 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], mode: str
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
+
+
+def check_writable_ancestor(path: Path, flag: str, created: str, start: Path | None = None) -> None:
+    """InputError (naming ``flag`` and ``path``) unless the nearest existing ancestor of ``start`` (default:
+    ``path``) is a writable folder, so that ``created``, the missing folders, can be made."""
+    existing = path if start is None else start
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{flag} {path}: {existing} is a file, so {created} cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: folder {existing} is not writable; choose a path you can write to")

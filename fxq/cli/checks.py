@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fxq.errors import InputError
+from fxq.io import check_writable_ancestor
 
 #: The smallest image side DETR backbones take (they downsample by 32).
 MIN_SIZE = 32
@@ -57,13 +58,7 @@ def check_output_file(path: str | os.PathLike | None, flag: str, create_folder: 
         raise InputError(f"{flag} {path} is a folder: give a file name (e.g. {path / 'out.json'})")
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"{flag} {path} exists and is not writable: choose another file")
-    existing = path.resolve().parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"{flag} {path}: {existing} is a file, so the folder of {path.name} cannot be created")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {path}: folder {existing} is not writable; choose a path you can write to")
+    check_writable_ancestor(path, flag, f"the folder of {path.name}", start=path.resolve().parent)
 
 
 def check_input_file(path: str | os.PathLike | None, flag: str) -> None:

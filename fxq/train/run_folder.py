@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fxq.errors import InputError
-from fxq.io import write_json
+from fxq.io import check_writable_ancestor, write_json
 
 CONFIG_NAME = "config.json"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -84,13 +84,7 @@ def check_output_folder(path: Path, flag: str) -> None:
     """InputError unless ``path`` is (or can be created as) a writable folder."""
     if path.exists() and not path.is_dir():
         raise InputError(f"{flag} {path} is a file: give a folder for the run")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"{flag} {path}: {existing} is a file, so the folder cannot be created")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {path}: {existing} is not writable; choose a folder you can write to")
+    check_writable_ancestor(path, flag, "the folder")
 
 
 def _check_resume(path: Path, config: dict) -> None:
