@@ -310,7 +310,7 @@ def test_trace_quantize_export(small_deformable, image, tmp_path):
 def test_save_transformers_loads_in_transformers(name, image, tmp_path):
     """fxq weights written as a Transformers folder: ``from_pretrained`` computes fxq's outputs, and fxq reads
     the folder back."""
-    from fxq.models.hf_layout import save_transformers
+    from fxq.models.hf_export import save_transformers
 
     if name == "detr_small":
         model = fxq.models.build("detr_r50", seed=0, backbone_name="resnet18", base_width=16, hidden_dim=64,
@@ -330,7 +330,7 @@ def test_save_transformers_loads_in_transformers(name, image, tmp_path):
 
 
 def test_save_transformers_refuses_what_transformers_cannot_hold(tmp_path):
-    from fxq.models.hf_layout import save_transformers
+    from fxq.models.hf_export import save_transformers
 
     with pytest.raises(InputError, match="softmax head"):
         save_transformers(fxq.models.build("detr_tiny"), tmp_path)

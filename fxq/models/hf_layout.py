@@ -3,7 +3,8 @@
 ``model.safetensors.index.json``, or a legacy ``pytorch_model.bin``), or a ``.safetensors`` file with its
 ``config.json`` beside it.
 
-``config.json`` decides the fxq configuration (classes, queries, layers, widths, backbone, box refinement) and
+``config.json`` decides the fxq configuration (:mod:`fxq.models.hf_config`: classes, queries, layers, widths,
+backbone, box refinement) and
 the weights are renamed to fxq's official layout: separate q/k/v projections become ``in_proj_weight``, the
 Transformers ResNet (``embedder`` / ``encoder.stages``) and the timm ResNet of the published hub checkpoints
 (``model.backbone.conv_encoder.model.*``, torchvision names) become ``backbone.0.body.*``, heads that
@@ -11,7 +12,8 @@ Transformers ties or stores once are filled in. Both the on-disk names (``conv_e
 ``fc1``) and the in-memory names of Transformers 5 (``backbone.model``, ``o_proj``, ``mlp.fc1``) are read.
 
 safetensors files load without pickle; ``pytorch_model.bin`` loads with ``torch.load(weights_only=True)``.
-Nothing here imports ``transformers``.
+Nothing here imports ``transformers``. The reverse, fxq weights as a Transformers folder, is
+:mod:`fxq.models.hf_export`.
 """
 
 from __future__ import annotations
@@ -28,13 +30,9 @@ import torch
 from torch import nn
 
 from fxq.errors import CheckpointError, InputError
+from fxq.models.hf_config import CONFIG_FILE, category_names, config_kwargs
 
-CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-#: Transformers architectures fxq loads, and the fxq model family each becomes.
-SUPPORTED = {"DetrForObjectDetection": "detr", "DeformableDetrForObjectDetection": "deformable_detr"}
-#: The fxq backbone names for timm's ResNets (tags such as ``.a1_in1k`` are dropped).
-TIMM_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 SHOWN = 5
 _HF_BACKBONE = "model.backbone.conv_encoder.model."
 _FXQ_BODY = "backbone.0.body."
@@ -153,11 +151,6 @@ def read_transformers(path: str | os.PathLike) -> TransformersCheckpoint:
     return checkpoint
 
 
-def category_names(config: Mapping[str, Any]) -> dict[int, str]:
-    """Class index -> name from ``config.id2label`` (empty when the config has none)."""
-    return {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
-
-
 def category_disagreements(model_names: Mapping[int, str], annotation_names: Mapping[int, str]) -> list[str]:
     """Where a model's class names (``config.id2label``) and an annotation file's categories (id -> name) name
     the same id differently, or the model has no class for an annotated id; Transformers' placeholder names
@@ -170,134 +163,6 @@ def category_disagreements(model_names: Mapping[int, str], annotation_names: Map
         elif mine != "N/A" and mine != f"LABEL_{cid}" and mine.lower() != name.lower():
             out.append(f"category {cid} is {name!r} in the annotations but {mine!r} in the model")
     return out
-
-
-# --------------------------------------------------------------------------------------------------- config
-
-
-def _unsupported(source: str, field_name: str, value: Any, supported: str) -> CheckpointError:
-    return CheckpointError(f"{source}: {field_name} = {value!r} is not supported by fxq ({supported})")
-
-
-def architecture_of(config: Mapping[str, Any], source: str) -> str:
-    """The Transformers architecture a config describes; CheckpointError naming it and the supported ones when
-    fxq does not load it."""
-    names = config.get("architectures") or []
-    known = [n for n in names if n in SUPPORTED]
-    if known:
-        return known[0]
-    named = ", ".join(names) or f"model_type {config.get('model_type')!r}"
-    raise CheckpointError(f"{source} describes a {named} model; fxq loads only "
-                          f"{' and '.join(SUPPORTED)} (Transformers DETR / Deformable DETR with detection heads)")
-
-
-def config_kwargs(config: Mapping[str, Any], source: str = CONFIG_FILE) -> tuple[str, str, dict[str, Any]]:
-    """(architecture, fxq family, fxq constructor keywords) for a Transformers DETR / Deformable DETR config."""
-    architecture = architecture_of(config, source)
-    family = SUPPORTED[architecture]
-    for name, wanted in (("activation_function", "relu"), ("position_embedding_type", "sine")):
-        if config.get(name, wanted) != wanted:
-            raise _unsupported(source, name, config[name], f"only {wanted!r}")
-    _same(config, source, "encoder_attention_heads", "decoder_attention_heads", 8)
-    ffn_default = 2048 if family == "detr" else 1024
-    _same(config, source, "encoder_ffn_dim", "decoder_ffn_dim", ffn_default)
-    labels = category_names(config)
-    kwargs: dict[str, Any] = {
-        "hidden_dim": config.get("d_model", 256), "nheads": config.get("encoder_attention_heads", 8),
-        "enc_layers": config.get("encoder_layers", 6), "dec_layers": config.get("decoder_layers", 6),
-        "dim_feedforward": config.get("encoder_ffn_dim", ffn_default),
-        "num_queries": config.get("num_queries", 100 if family == "detr" else 300),
-        "num_classes": len(labels) if labels else config.get("num_labels", 91), "backbone_norm": "frozen_bn",
-    }
-    if family == "detr":
-        kwargs["head"] = "softmax"
-    else:
-        if config.get("two_stage", False):
-            raise _unsupported(source, "two_stage", True, "fxq's Deformable DETR is single-stage; use a "
-                               "checkpoint trained without two-stage")
-        kwargs.update(num_feature_levels=config.get("num_feature_levels", 4),
-                      enc_n_points=config.get("encoder_n_points", 4), dec_n_points=config.get("decoder_n_points", 4),
-                      with_box_refine=bool(config.get("with_box_refine", False)))
-    kwargs.update(backbone_kwargs(config, family, kwargs.get("num_feature_levels", 1), source))
-    return architecture, family, kwargs
-
-
-def _same(config: Mapping[str, Any], source: str, first: str, second: str, default: int) -> None:
-    a, b = config.get(first, default), config.get(second, default)
-    if a != b:
-        raise CheckpointError(f"{source}: {first} = {a} but {second} = {b}; fxq's models use one value for both")
-
-
-def backbone_kwargs(config: Mapping[str, Any], family: str, levels: int, source: str) -> dict[str, Any]:
-    """fxq's ``backbone_name``, ``base_width`` and ``dilation`` for the config's backbone (Transformers' own
-    ResNet or timm's); CheckpointError naming the field fxq cannot build."""
-    backbone = config.get("backbone_config")
-    if backbone is None:  # Transformers 4 configs: timm unless use_timm_backbone is false
-        if not config.get("use_timm_backbone", True):
-            raise CheckpointError(f"{source}: use_timm_backbone is false but backbone_config is missing; "
-                                  "fxq needs the ResNetConfig of the backbone")
-        backbone = {"model_type": "timm_backbone", "backbone": config.get("backbone") or "resnet50",
-                    "out_indices": (config.get("backbone_kwargs") or {}).get("out_indices")}
-    wanted = _wanted_stages(family, levels)
-    model_type = backbone.get("model_type")
-    if model_type == "resnet":
-        return _hf_resnet_kwargs(backbone, config, wanted, source)
-    if model_type == "timm_backbone":
-        return _timm_kwargs(backbone, config, family, wanted, source)
-    raise _unsupported(source, "backbone_config.model_type", model_type, "'resnet' or 'timm_backbone' with a ResNet")
-
-
-def _wanted_stages(family: str, levels: int) -> list[int]:
-    if family == "detr":
-        return [4]
-    return [2, 3, 4][-levels:] if levels < 3 else [2, 3, 4]
-
-
-def _hf_resnet_kwargs(backbone: Mapping[str, Any], config: Mapping[str, Any], wanted: list[int],
-                      source: str) -> dict[str, Any]:
-    from fxq.models.resnet import RESNET_LAYOUTS, Bottleneck
-
-    prefix = "backbone_config."
-    for name, value in (("hidden_act", "relu"), ("downsample_in_first_stage", False),
-                        ("downsample_in_bottleneck", False), ("num_channels", 3)):
-        if backbone.get(name, value) != value:
-            raise _unsupported(source, prefix + name, backbone[name], f"only {value!r}, as torchvision's ResNet")
-    if config.get("dilation"):
-        raise _unsupported(source, "dilation", True, "Transformers' own ResNet has no dilated stage")
-    layer_type = backbone.get("layer_type", "bottleneck")
-    depths = tuple(backbone.get("depths", (3, 4, 6, 3)))
-    block_kind = "bottleneck" if layer_type == "bottleneck" else "basic"
-    names = [n for n, (block, d) in RESNET_LAYOUTS.items()
-             if d == depths and (block is Bottleneck) == (block_kind == "bottleneck")]
-    if not names:
-        raise _unsupported(source, prefix + "depths", list(depths), f"with layer_type {layer_type!r} fxq builds "
-                           + ", ".join(f"{n} {list(d)}" for n, (block, d) in RESNET_LAYOUTS.items()
-                                       if (block is Bottleneck) == (block_kind == "bottleneck")))
-    width = backbone.get("embedding_size", 64)
-    expansion = 4 if block_kind == "bottleneck" else 1
-    sizes = [width * 2**i * expansion for i in range(4)]
-    if list(backbone.get("hidden_sizes", sizes)) != sizes:
-        raise _unsupported(source, prefix + "hidden_sizes", backbone["hidden_sizes"],
-                           f"with embedding_size {width} fxq's ResNet has {sizes}")
-    stages = backbone.get("out_indices") or [int(s.removeprefix("stage")) for s in backbone.get("out_features", [])]
-    if stages and list(stages) != wanted:
-        raise _unsupported(source, prefix + "out_indices", list(stages), f"this model takes stages {wanted}")
-    return {"backbone_name": names[0], "base_width": width, "dilation": False}
-
-
-def _timm_kwargs(backbone: Mapping[str, Any], config: Mapping[str, Any], family: str, wanted: list[int],
-                 source: str) -> dict[str, Any]:
-    name = str(backbone.get("backbone") or "resnet50").split(".")[0]
-    if name not in TIMM_RESNETS:
-        raise _unsupported(source, "backbone_config.backbone", backbone.get("backbone"),
-                           f"timm ResNets {', '.join(TIMM_RESNETS)}")
-    stages = backbone.get("out_indices")
-    if stages and (list(stages)[-1:] != [4] if family == "detr" else list(stages) != wanted):
-        raise _unsupported(source, "backbone_config.out_indices", list(stages), f"this model takes stages {wanted}")
-    dilation = bool(config.get("dilation")) or backbone.get("output_stride") == 16
-    if dilation and family != "detr":
-        raise _unsupported(source, "dilation", True, "fxq dilates the backbone of DETR only")
-    return {"backbone_name": name, "base_width": 64, "dilation": dilation}
 
 
 # ------------------------------------------------------------------------------------------------ key names
@@ -529,119 +394,3 @@ def build_transformers(path: str | os.PathLike, name: str | None = None, strict:
     model.load_state_dict(checkpoint.state, strict=strict)
     model.category_names = checkpoint.category_names
     return model.eval()
-
-
-# ----------------------------------------------------------------------------------- fxq -> Transformers
-
-
-def _inverse(table: Mapping[str, str]) -> dict[str, str]:
-    return {v: k for k, v in table.items()}
-
-
-def _hf_resnet_key(name: str) -> str:
-    """Transformers ResNet name (below ``model``) of a torchvision ResNet key."""
-    if m := re.fullmatch(r"(conv1|bn1)\.(\w+)", name):
-        return ("embedder.embedder.convolution." if m[1] == "conv1" else "embedder.embedder.normalization.") + m[2]
-    if m := re.fullmatch(r"layer(\d)\.(\d+)\.downsample\.([01])\.(\w+)", name):
-        kind = "convolution" if m[3] == "0" else "normalization"
-        return f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.{kind}.{m[4]}"
-    m = re.fullmatch(r"layer(\d)\.(\d+)\.(conv|bn)(\d)\.(\w+)", name)
-    if m is None:
-        raise InputError(f"backbone tensor {name!r} has no Transformers ResNet name")
-    kind = "convolution" if m[3] == "conv" else "normalization"
-    return f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[4]) - 1}.{kind}.{m[5]}"
-
-
-def transformers_key(name: str, family: str) -> str:
-    """The Transformers (on-disk) key of one fxq key; ``in_proj_*`` keys map to their ``{q,k,v}_proj`` stem."""
-    if name.startswith(_FXQ_BODY):
-        return _HF_BACKBONE + _hf_resnet_key(name[len(_FXQ_BODY):])
-    if m := re.fullmatch(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(weight|bias)", name):
-        part, index, module, kind = m.groups()
-        tables = {("detr", "encoder"): _ENCODER_DETR, ("detr", "decoder"): _DECODER_DETR,
-                  ("deformable_detr", "encoder"): _ENCODER_DEFORM, ("deformable_detr", "decoder"): _DECODER_DEFORM}
-        return f"model.{part}.layers.{index}.{_inverse(tables[family, part])[module]}.{kind}"
-    if m := re.fullmatch(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(\w+)\.in_proj_(weight|bias)", name):
-        part, index, attn, kind = m.groups()
-        return f"model.{part}.layers.{index}.{'encoder_attn' if attn == 'multihead_attn' else attn}.{{}}_proj.{kind}"
-    if name == "transformer.level_embed":
-        return "model.level_embed"
-    heads = ({"input_proj.": "model.input_projection.", "query_embed.": "model.query_position_embeddings.",
-              "class_embed.": "class_labels_classifier.", "bbox_embed.": "bbox_predictor.",
-              "transformer.decoder.norm.": "model.decoder.layernorm."} if family == "detr" else
-             {"input_proj.": "model.input_proj.", "query_embed.": "model.query_position_embeddings.",
-              "transformer.reference_points.": "model.reference_points.", "class_embed.": "class_embed.",
-              "bbox_embed.": "bbox_embed.", "transformer.decoder.bbox_embed.": "model.decoder.bbox_embed."})
-    for fxq, hf in sorted(heads.items(), key=lambda item: -len(item[0])):
-        if name.startswith(fxq):
-            return hf + name[len(fxq):]
-    raise InputError(f"fxq tensor {name!r} has no Transformers name")
-
-
-def transformers_config(model: nn.Module, category_names: Mapping[int, str] | None = None) -> dict[str, Any]:
-    """The Transformers config.json of an fxq DETR (softmax head) or Deformable DETR (single-stage)."""
-    from fxq.models.deformable_detr import DeformableDETR
-    from fxq.models.detr import DETR
-
-    deformable = isinstance(model, DeformableDETR)
-    if not deformable and not (isinstance(model, DETR) and model.head == "softmax"):
-        raise InputError(f"{type(model).__name__} (head {getattr(model, 'head', None)!r}) has no Transformers "
-                         "form: export a DETR with the softmax head or a Deformable DETR")
-    body = model.backbone[0].body
-    if any(isinstance(m, nn.Conv2d) and m.dilation != (1, 1) for m in body.modules()):
-        raise InputError("a dilated (DC5) backbone has no Transformers-ResNet form; export an undilated model")
-    transformer = model.transformer
-    layer = transformer.encoder.layers[0]
-    width, basic = body.conv1.out_channels, not hasattr(body.layer1[0], "conv3")
-    expansion = 1 if basic else 4
-    if transformer.d_model % 32 and deformable:
-        raise InputError(f"d_model {transformer.d_model} is not a multiple of 32, Transformers' GroupNorm groups")
-    names = dict(category_names or getattr(model, "category_names", None) or {})
-    config: dict[str, Any] = {
-        "architectures": ["DeformableDetrForObjectDetection" if deformable else "DetrForObjectDetection"],
-        "model_type": "deformable_detr" if deformable else "detr", "d_model": transformer.d_model,
-        "encoder_layers": len(transformer.encoder.layers), "decoder_layers": len(transformer.decoder.layers),
-        "encoder_attention_heads": transformer.nhead, "decoder_attention_heads": transformer.nhead,
-        "encoder_ffn_dim": layer.linear1.out_features, "decoder_ffn_dim": layer.linear1.out_features,
-        "num_queries": model.num_queries, "activation_function": "relu", "position_embedding_type": "sine",
-        "id2label": {str(i): names.get(i, f"LABEL_{i}") for i in range(model.num_classes)},
-        "label2id": {names.get(i, f"LABEL_{i}"): i for i in range(model.num_classes)},
-        "use_timm_backbone": False, "use_pretrained_backbone": False, "dilation": False,
-        "backbone_config": {
-            "model_type": "resnet", "embedding_size": width, "layer_type": "basic" if basic else "bottleneck",
-            "hidden_sizes": [width * 2**i * expansion for i in range(4)],
-            "depths": [len(getattr(body, f"layer{i}")) for i in range(1, 5)],
-            "out_features": [n.replace("layer", "stage") for n in body.return_layers]},
-    }
-    if deformable:
-        config.update(num_feature_levels=model.num_feature_levels, with_box_refine=model.with_box_refine,
-                      two_stage=False, tie_word_embeddings=not model.with_box_refine,
-                      encoder_n_points=layer.self_attn.n_points,
-                      decoder_n_points=transformer.decoder.layers[0].cross_attn.n_points)
-    return config
-
-
-def save_transformers(model: nn.Module, folder: str | os.PathLike,
-                      category_names: Mapping[int, str] | None = None) -> Path:
-    """Write an fxq DETR / Deformable DETR as a Transformers folder (``config.json``, ``model.safetensors``)
-    that ``from_pretrained`` loads; returns the folder. ``category_names``: class index -> name for
-    ``id2label`` (default: the model's ``category_names``, else ``LABEL_i``)."""
-    from safetensors.torch import save_file
-
-    config = transformers_config(model, category_names)
-    family = SUPPORTED[config["architectures"][0]]
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        if name.endswith("num_batches_tracked"):
-            continue
-        key = transformers_key(name, family)
-        if "{}" in key:
-            for part, chunk in zip("qkv", tensor.chunk(3), strict=True):
-                tensors[key.format(part)] = chunk.clone()
-        else:
-            tensors[key] = tensor.detach().clone()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / WEIGHT_FILES[0], metadata={"format": "pt"})
-    return folder
