@@ -1,5 +1,5 @@
-"""ONNX Runtime CPU latency of multi-scale deformable attention: today's grid_sample sampling core against the
-Gather + MatMul form of fxq/models/ms_deform_attn_fast.py (issue 18, deliver 1), fp32.
+"""ONNX Runtime CPU latency of multi-scale deformable attention: the reference's GridSample sampling core against
+the Gather + MatMul form that fxq exports (fxq/models/ms_deform_attn_fast.py; issue 18, deliver 1), fp32.
 
 Run: .venv/bin/python benchmarks/deform_attn_speed.py [--rounds 5] [--runs 2] [--threads 1] [--parts core layer model]
 [--runtimes ort openvino]   (openvino: needs the openvino package importable)
@@ -8,13 +8,15 @@ Parts, all at Deformable DETR-R50 512² shapes (levels 64², 32², 16², 8²; 8 
 (a) the sampling core alone: encoder (5440 queries at their own pixels, sampling within a few pixels of them) and
 decoder (300 queries at random reference points); (a') one MSDeformAttn encoder layer; (b) the whole float
 deformable_detr_r50 (random weights, seed 0), traced and exported as `fxq bench` exports its float row
-(float_graph, lower_to_onnx opset 17, dynamic shapes). Variants: today; "fast core" (MSDeformAttn.forward calling
-``ms_deform_attn_fast.sampling_core``); "fast core + locations" (also ``sampling_locations_from_points_fast``).
+(float_graph, lower_to_onnx opset 17, dynamic shapes). Variants: the file exported in the GridSample form
+(``ms_deform_attn_fast.export_form("grid_sample")``) and in the Gather form (fxq's default); both compute the
+sampling locations with ``sampling_locations_from_points_fast``.
 
 Each group's variants are timed in one spawned process, interleaved round by round (every round: ``runs`` calls of
-each), so the drift of a shared machine hits them alike. Reported per variant: median, p10 and p90 of the calls'
-wall time and the ratio of medians to today's; the median and ratio of their CPU time (the process's: it leaves
-out the time other jobs held the core); the max |Δ| of the outputs against today's; for (b) on onnxruntime, kernel
+each), so the drift of a shared machine hits them alike. Reported per variant: median, p10 and p90 of the
+calls' wall time and the ratio of medians to the GridSample form's; the median and ratio of their CPU time (the
+process's: it leaves out the time other jobs held the core); the max |Δ| of the outputs against the GridSample
+form's; for (b) on onnxruntime, kernel
 time by op type from one profiled run. Writes benchmarks/results/deform_attn_speed.json (``DEFORM_ATTN_OUT``
 names another path).
 """
@@ -22,15 +24,13 @@ names another path).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import os
 import statistics
 import sys
 import tempfile
 import time
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,33 +50,11 @@ from fxq.ptq import float_graph
 OUT = Path(os.environ.get("DEFORM_ATTN_OUT", ROOT / "benchmarks" / "results" / "deform_attn_speed.json"))
 LEVELS = ((64, 64), (32, 32), (16, 16), (8, 8))
 HEADS, HEAD_DIM, POINTS, D_MODEL = 8, 32, 4, 256
-LOAD_NOTE = ("the machine was shared with other jobs (QAT training runs and tests on its 2 cores) while this ran: "
-             "absolute times are inflated and noisy; compare the ratios")
+LOAD_NOTE = "timings on a shared machine drift: compare the ratios, and the load averages recorded with them"
 
 
-def _dispatch_core(value, spatial_shapes, sampling_locations, attention_weights):
-    return fast.sampling_core(value, spatial_shapes, sampling_locations, attention_weights)
-
-
-#: Variant → (core called by MSDeformAttn.forward, location helper or None for today's).
-WIRINGS: dict[str, tuple[Callable, Callable | None]] = {
-    "today": (msda.ms_deform_attn_core, None),
-    "fast core": (_dispatch_core, None),
-    "fast core + locations": (_dispatch_core, fast.sampling_locations_from_points_fast),
-}
-
-
-@contextlib.contextmanager
-def forward_calling(core: Callable, locations: Callable | None = None) -> Iterator[None]:
-    """MSDeformAttn.forward as if its source called ``core`` (and ``locations``) in place of today's functions."""
-    original = msda.MSDeformAttn.forward
-    names = {"ms_deform_attn_core": core, **({"sampling_locations_from_points": locations} if locations else {})}
-    msda.MSDeformAttn.forward = types.FunctionType(original.__code__, {**original.__globals__, **names},
-                                                   original.__name__, original.__defaults__, original.__closure__)
-    try:
-        yield
-    finally:
-        msda.MSDeformAttn.forward = original
+#: Variant → export form of the sampling core (``ms_deform_attn_fast.export_form``).
+FORMS = {"GridSample form": "grid_sample", "Gather form": "gather"}
 
 
 def _shape_inputs() -> tuple[list[torch.Tensor], list[str], dict[str, dict[int, str]]]:
@@ -140,20 +118,20 @@ def _export(module: nn.Module, inputs: list[torch.Tensor], names: list[str], dyn
 
 
 def core_group(queries: int, folder: Path) -> tuple[dict[str, Path], dict[str, np.ndarray]]:
-    """ONNX files of the core alone, today's and the fast form, and their feed."""
+    """ONNX files of the core alone in each form, and their feed."""
     value, locations, weights = core_inputs(queries)
     levels, level_names, level_axes = _shape_inputs()
     names = ["value", "locations", "weights", *level_names]
     dynamic = {"value": {1: "S"}, "locations": {1: "Q"}, "weights": {1: "Q"}, **level_axes}
     inputs = [value, locations, weights, *levels]
     paths = {name: _export(_Core(core), inputs, names, dynamic, folder / f"core{queries}-{i}.onnx")
-             for i, (name, core) in enumerate((("today", msda.ms_deform_attn_core),
-                                               ("fast core", fast.ms_deform_attn_core_fast)))}
+             for i, (name, core) in enumerate((("GridSample form", msda.ms_deform_attn_core),
+                                               ("Gather form", fast.ms_deform_attn_core_fast)))}
     return paths, {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
 
 
 def layer_group(folder: Path) -> tuple[dict[str, Path], dict[str, np.ndarray]]:
-    """ONNX files of one MSDeformAttn encoder layer under each wiring, and their feed."""
+    """ONNX files of one MSDeformAttn encoder layer in each form, and their feed."""
     g = torch.Generator().manual_seed(1)
     tokens = sum(h * w for h, w in LEVELS)
     query, value = torch.randn(1, tokens, D_MODEL, generator=g), torch.randn(1, tokens, D_MODEL, generator=g)
@@ -162,22 +140,21 @@ def layer_group(folder: Path) -> tuple[dict[str, Path], dict[str, np.ndarray]]:
     names = ["query", "reference", "value", *level_names]
     dynamic = {"query": {1: "Q"}, "reference": {1: "Q"}, "value": {1: "S"}, **level_axes}
     inputs, layer, paths = [query, reference, value, *levels], _Layer(), {}
-    for i, (name, wiring) in enumerate(WIRINGS.items()):
-        with forward_calling(*wiring):
+    for i, (name, form) in enumerate(FORMS.items()):
+        with fast.export_form(form):
             paths[name] = _export(layer, inputs, names, dynamic, folder / f"layer-{i}.onnx")
     return paths, {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
 
 
 def model_group(folder: Path) -> tuple[dict[str, Path], dict[str, np.ndarray]]:
-    """ONNX files of the float deformable_detr_r50 at 512² under each wiring, and their feed (one image)."""
+    """ONNX files of the float deformable_detr_r50 at 512² in each form, and their feed (one image)."""
     model = fxq.models.build("deformable_detr_r50", seed=0)
     image = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(0))
-    paths = {}
-    for i, (name, wiring) in enumerate(WIRINGS.items()):
-        with forward_calling(*wiring):
-            gm = float_graph(model, (512, 512))
+    gm, paths = float_graph(model, (512, 512)), {}
+    for i, (name, form) in enumerate(FORMS.items()):
         paths[name] = folder / f"deformable_detr_r50-{i}.onnx"
-        lower_to_onnx(gm, image, paths[name], opset=17)
+        with fast.export_form(form):
+            lower_to_onnx(gm, image, paths[name], opset=17)
     return paths, {"images": image.numpy()}
 
 
@@ -221,7 +198,8 @@ def _max_abs_diff(outputs: list[np.ndarray], reference: list[np.ndarray]) -> flo
 
 
 def summary(group: str, runtime: str, timed: dict[str, dict]) -> list[dict]:
-    """Table rows: wall median, p10, p90 and × today (ratio of medians), CPU median and × today, per variant."""
+    """Table rows per variant: wall median, p10, p90, × GridSample (the GridSample form's median over this
+    one's), CPU median and its × GridSample."""
     first = next(iter(timed.values()))
     base, base_cpu = statistics.median(first["ms"]), statistics.median(first["cpu_ms"])
     rows = []
@@ -230,9 +208,9 @@ def summary(group: str, runtime: str, timed: dict[str, dict]) -> list[dict]:
         cpu = statistics.median(t["cpu_ms"])
         rows.append({"runtime": runtime, "what": group, "variant": name, "median ms": round(float(median), 1),
                      "p10 ms": round(float(p10), 1), "p90 ms": round(float(p90), 1),
-                     "× today": round(base / float(median), 2), "CPU median ms": round(cpu, 1),
-                     "× today (CPU)": round(base_cpu / cpu, 2), "calls": len(t["ms"]),
-                     "max abs diff vs today": f"{t['max_abs_diff']:.1e}"})
+                     "× GridSample": round(base / float(median), 2), "CPU median ms": round(cpu, 1),
+                     "× GridSample (CPU)": round(base_cpu / cpu, 2), "calls": len(t["ms"]),
+                     "max abs diff vs GridSample": f"{t['max_abs_diff']:.1e}"})
     return rows
 
 
@@ -293,9 +271,9 @@ def report(rows: list[dict], profiles: dict[str, dict[str, float]], args: argpar
     header = (f"{runtimes} CPU, fp32, {args.threads} thread(s), {args.rounds} rounds × {args.runs} calls per variant, "
               f"interleaved; torch {torch.__version__}; load average (1, 5, 15 min) {load['before']} before, "
               f"{load['after']} after. Note: {LOAD_NOTE}.")
-    columns = ["runtime", "what", "variant", "median ms", "p10 ms", "p90 ms", "× today", "CPU median ms",
-               "× today (CPU)", "calls", "max abs diff vs today"]
-    shown = [{k: f"{v:.1f}" if k.endswith(" ms") else f"{v:.2f}" if k.startswith("× today") else v
+    columns = ["runtime", "what", "variant", "median ms", "p10 ms", "p90 ms", "× GridSample", "CPU median ms",
+               "× GridSample (CPU)", "calls", "max abs diff vs GridSample"]
+    shown = [{k: f"{v:.1f}" if k.endswith(" ms") else f"{v:.2f}" if k.startswith("× GridSample") else v
               for k, v in row.items()} for row in rows]
     print(f"\n`{command.strip()}`\n\n{header}\n\n{markdown(shown, columns)}")
     for name, ops in profiles.items():

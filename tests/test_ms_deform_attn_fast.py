@@ -7,10 +7,6 @@ weights): eager, FX-traced, exported to ONNX and run by onnxruntime, float and W
 
 from __future__ import annotations
 
-import contextlib
-import types
-from collections.abc import Callable, Iterator
-
 import onnx
 import pytest
 import torch
@@ -142,33 +138,6 @@ def test_fast_locations_are_bit_identical(ref_levels):
 
 # --- inside deformable_detr_tiny -------------------------------------------------------------------------------
 
-def _dispatch_core(value, spatial_shapes, sampling_locations, attention_weights):
-    return fast.sampling_core(value, spatial_shapes, sampling_locations, attention_weights)
-
-
-@contextlib.contextmanager
-def forward_calling(core: Callable, locations: Callable | None = None) -> Iterator[None]:
-    """MSDeformAttn.forward as if its source called ``core`` (and ``locations``) instead of
-    ``ms_deform_attn_core`` (``sampling_locations_from_points``); the module's own functions stay as they are."""
-    original = msda.MSDeformAttn.forward
-    names = {"ms_deform_attn_core": core}
-    if locations is not None:
-        names["sampling_locations_from_points"] = locations
-    patched = types.FunctionType(original.__code__, {**original.__globals__, **names}, original.__name__,
-                                 original.__defaults__, original.__closure__)
-    msda.MSDeformAttn.forward = patched
-    try:
-        yield
-    finally:
-        msda.MSDeformAttn.forward = original
-
-
-WIRINGS = {
-    "fast-everywhere": (fast.ms_deform_attn_core_fast, None),
-    "dispatch": (_dispatch_core, None),
-    "dispatch+locations": (_dispatch_core, fast.sampling_locations_from_points_fast),
-}
-
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -180,76 +149,72 @@ def _max_diff(a: dict, b: dict, key: str) -> float:
     return (a[key] - b[key]).abs().max().item()
 
 
-@pytest.mark.parametrize("wiring", list(WIRINGS))
-def test_tiny_model_outputs_unchanged(tiny, wiring):
-    model, images = tiny
-    with torch.no_grad():
-        expected = model(images)
-        with forward_calling(*WIRINGS[wiring]):
-            got = model(images)
-    if wiring.startswith("dispatch"):
-        assert all(torch.equal(got[k], expected[k]) for k in ("pred_logits", "pred_boxes"))
-    assert _max_diff(got, expected, "pred_logits") <= 1e-4
-    assert _max_diff(got, expected, "pred_boxes") <= 1e-5
-
-
 def _ort(path, images) -> dict[str, torch.Tensor]:
     return OrtSession(path, threads=1).run(images)
 
 
-@pytest.mark.parametrize("wiring", list(WIRINGS))
-def test_traced_and_exported_tiny_model_matches_torch(tiny, wiring, tmp_path):
-    model, images = tiny
-    with forward_calling(*WIRINGS[wiring]):
-        gm = float_graph(model, (160, 160))
-    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+def test_export_form_rejects_an_unknown_form():
+    with pytest.raises(ValueError, match="grid_sample"), fast.export_form("bilinear"):
+        pass
+
+
+def test_traced_graph_keeps_one_core_per_layer(tiny):
+    model, _ = tiny
+    targets = [n.target for n in float_graph(model, (160, 160)).graph.nodes if n.op == "call_function"]
     assert torch.nn.functional.grid_sample not in targets
-    if wiring.startswith("dispatch"):
-        assert targets.count(fast.sampling_core) == 5  # 2 encoder + 3 decoder layers
-    lower_to_onnx(gm, images[:1], tmp_path / "tiny.onnx", opset=17)
+    assert targets.count(fast.sampling_core) == 5  # 2 encoder + 3 decoder layers
+
+
+@pytest.mark.parametrize("form", fast.EXPORT_FORMS)
+def test_exported_tiny_model_matches_torch(tiny, form, tmp_path):
+    """Eager model, traced graph and ONNX file (both export forms; shape-dynamic) compute the same detections."""
+    model, images = tiny
+    gm = float_graph(model, (160, 160))
+    with fast.export_form(form):
+        lower_to_onnx(gm, images[:1], tmp_path / "tiny.onnx", opset=17)
     ops = {n.op_type for n in onnx.load(tmp_path / "tiny.onnx").graph.node}
-    assert "GridSample" not in ops and {"Gather", "MatMul"} <= ops
+    assert ("GridSample" in ops) == (form == "grid_sample")
+    if form == "gather":
+        assert {"Gather", "MatMul"} <= ops
     with torch.no_grad():
         eager = model(images)
-        for size in ((160, 160), (128, 192)):  # the export is shape-dynamic
+        for size in ((160, 160), (128, 192)):
             x = images if size == (160, 160) else torch.randn(1, 3, *size)
             traced, ort = gm(x), _ort(tmp_path / "tiny.onnx", x)
-            if size == (160, 160):
+            if size == (160, 160):  # batch norm is folded in the traced graph
                 assert _max_diff(traced, eager, "pred_logits") <= 1e-4
             assert _max_diff(ort, traced, "pred_logits") <= 1e-4
             assert _max_diff(ort, traced, "pred_boxes") <= 1e-5
 
 
 @pytest.mark.parametrize("runtime", [None, "ort-cpu"], ids=["plain-qdq", "ort-cpu"])
-def test_w8a8_export_parity_unchanged(tiny, runtime, tmp_path):
+def test_w8a8_export_parity_no_worse_than_grid_sample(tiny, runtime, tmp_path):
     """ORT vs the fake-quant graph, W8A8 min-max, plain QDQ lowering and the runtime-aware one (`fxq bench`'s
-    fxq-int8 row): the rewrite adds at most float noise to today's gap."""
+    fxq-int8 row): the Gather form adds at most float noise to the GridSample form's gap."""
     model, images = tiny
     calib = [torch.randn(1, 3, 160, 160) for _ in range(2)]
+    gm = quantize_ptq(float_graph(model, (160, 160)), calib, "W8A8", progress=False, target=runtime)
+    with torch.no_grad():
+        traced = gm(images)
     gaps = {}
-    for name, wiring in (("today", None), ("dispatch", WIRINGS["dispatch+locations"])):
-        with forward_calling(*wiring) if wiring else contextlib.nullcontext():
-            gm = quantize_ptq(float_graph(model, (160, 160)), calib, "W8A8", progress=False, target=runtime)
-        path = tmp_path / f"{name}.onnx"
-        if runtime is None:
-            lower_to_onnx(gm, images[:1], path)
-        else:
-            lower_for_runtime(gm, images[:1], path, runtime)
-        with torch.no_grad():
-            traced = gm(images)
-        gaps[name] = {k: _max_diff(_ort(path, images), traced, k) for k in ("pred_logits", "pred_boxes")}
+    for form in fast.EXPORT_FORMS:
+        path = tmp_path / f"{form}.onnx"
+        with fast.export_form(form):
+            if runtime is None:
+                lower_to_onnx(gm, images[:1], path)
+            else:
+                lower_for_runtime(gm, images[:1], path, runtime)
+        gaps[form] = {k: _max_diff(_ort(path, images), traced, k) for k in ("pred_logits", "pred_boxes")}
     for key, floor in (("pred_logits", 1e-3), ("pred_boxes", 1e-4)):
-        assert gaps["dispatch"][key] <= max(2 * gaps["today"][key], floor), gaps
+        assert gaps["gather"][key] <= max(2 * gaps["grid_sample"][key], floor), gaps
 
 
 def test_openvino_runs_the_export_as_onnxruntime_does(tiny, tmp_path):
-    """OpenVINO (when installed) computes the exported fast form as onnxruntime does (a 7-D broadcast Mul in an
-    earlier version of the weights came out wrong in OpenVINO 2026.4 while onnxruntime was right)."""
+    """OpenVINO (when installed) computes the exported Gather form as onnxruntime does (a 7-D broadcast Mul in an
+    earlier version of the form came out wrong in OpenVINO 2026.4 while onnxruntime was right)."""
     ov = pytest.importorskip("openvino")
     model, images = tiny
-    with forward_calling(*WIRINGS["dispatch+locations"]):
-        gm = float_graph(model, (160, 160))
-    lower_to_onnx(gm, images[:1], tmp_path / "tiny.onnx", opset=17)
+    lower_to_onnx(float_graph(model, (160, 160)), images[:1], tmp_path / "tiny.onnx", opset=17)
     compiled = ov.Core().compile_model(str(tmp_path / "tiny.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     got = compiled.create_infer_request().infer({"images": images.numpy()})
     by_name = {name: torch.from_numpy(value) for port, value in got.items() for name in port.get_names()}

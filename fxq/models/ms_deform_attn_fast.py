@@ -15,8 +15,9 @@ attention weight × the bilinear sample of that level's value map at the samplin
 It holds N·M·Lq·4·L·P·D gathered floats at once (356 MB for a Deformable DETR-R50 encoder layer at 512²): 4× the
 reference's stacked samples, which the reference holds about three times over (per level, stacked, weighted). In
 eager PyTorch it is slower than the reference (``F.grid_sample`` is one fused kernel there; 1.5–3× slower forward
-and backward at deformable_detr_tiny's training shapes), so :func:`sampling_core` runs the reference in PyTorch
-and this form only while ``torch.onnx.export`` traces the model.
+and backward at deformable_detr_tiny's training shapes), so :func:`sampling_core` (what ``MSDeformAttn`` calls) runs the
+reference in PyTorch and this form only while ``torch.onnx.export`` traces the model. :func:`export_form` chooses
+the reference's GridSample form for an export instead (for a runtime with a fast GridSample kernel).
 
 Measured with ``benchmarks/deform_attn_speed.py`` (ORT 1.32, 1 thread, Deformable DETR-R50 shapes at 512²): the
 encoder's core 1.5× faster, the decoder's 1.1×, the whole float model 1.10× (1.19× with the location helper below).
@@ -34,7 +35,8 @@ size tensor instead of two Slices, two Divs and a Concat per level; it is bit-id
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.fx
@@ -42,6 +44,24 @@ import torch.nn.functional as F
 
 SpatialShapes = Sequence[tuple[int, int]]
 """``(H, W)`` of every level (ints, or FX proxies when traced), as in :mod:`fxq.models.ms_deform_attn`."""
+
+EXPORT_FORMS = ("gather", "grid_sample")
+"""What an ONNX export of the sampling core contains: this module's Gather + MatMul, or the reference's GridSample."""
+
+_export = {"form": "gather"}
+
+
+@contextlib.contextmanager
+def export_form(form: str) -> Iterator[None]:
+    """ONNX exports made within the block lower the sampling core in ``form`` (one of :data:`EXPORT_FORMS`;
+    "gather" outside any block). PyTorch execution is the same either way."""
+    if form not in EXPORT_FORMS:
+        raise ValueError(f"unknown export form {form!r}: choose one of {', '.join(EXPORT_FORMS)}")
+    before, _export["form"] = _export["form"], form
+    try:
+        yield
+    finally:
+        _export["form"] = before
 
 
 def _per_level(values: Sequence[int], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -134,12 +154,13 @@ def ms_deform_attn_core_fast(value: torch.Tensor, spatial_shapes: SpatialShapes,
 def sampling_core(value: torch.Tensor, spatial_shapes: SpatialShapes, sampling_locations: torch.Tensor,
                   attention_weights: torch.Tensor) -> torch.Tensor:
     """``ms_deform_attn_core``'s result: its own grid_sample form in PyTorch, :func:`ms_deform_attn_core_fast`
-    while ``torch.onnx.export`` traces (so the ONNX file gets the Gather + MatMul form).
+    while ``torch.onnx.export`` traces (so the ONNX file gets the Gather + MatMul form, unless
+    :func:`export_form` says otherwise).
 
     One node of an FX graph (``torch.fx.wrap``), so a traced graph keeps the choice for run time. Call it as
     ``ms_deform_attn_fast.sampling_core(...)`` (through the module) for tracing to see the wrapped name.
     """
-    if torch.onnx.is_in_onnx_export():
+    if torch.onnx.is_in_onnx_export() and _export["form"] == "gather":
         return ms_deform_attn_core_fast(value, spatial_shapes, sampling_locations, attention_weights)
     from fxq.models.ms_deform_attn import ms_deform_attn_core  # not at the top: that module imports this one
 
