@@ -153,7 +153,7 @@ def _output_notes(gm: torch.fx.GraphModule, node: torch.fx.Node, caps: TargetPro
             "before calibration"]
     action = node.meta.get("fxq.output_quantizer_action")
     if action == "inserted":
-        return [f"output quantized to 8 bits by {name} (insert_output_quantizers)"]
+        return [f"output quantized to {caps.output_quantizer_bits} bits by {name} (insert_output_quantizers)"]
     if action == "shared":
         return [f"all readers of its output read the quantized value of {name} (insert_output_quantizers)"]
     return []

@@ -55,9 +55,6 @@ def run_model(name: str, args, val, calib, gt, critical_sets) -> list[dict]:
     annotate_policy(analysed, "W4A8")
     rows = [_row(name, "fp32", "-", 32.0, fp, sets), _row(name, "uniform W4A8", "-", 4.0, w4, sets)]
     fisher_traces(analysed, calib, "overall", progress=False)
-    for node in analysed.graph.nodes:
-        if "fxq.fisher" in node.meta:
-            node.meta["fxq.fisher"]["uniform"] = 1.0
     for budget in args.budgets:
         for objective in ("uniform", "overall"):
             gm, used = _allocated(analysed, calib, args.candidates, budget, objective)

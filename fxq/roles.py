@@ -75,6 +75,10 @@ def quantizer_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and meta.get(n, meta.ROLE) == QUANTIZE]
 
 
+QUANT_ROOT = "fxq_q"
+"""The submodule under which fxq.passes.insert_quant (and runtime_prep) add a graph's fake quantizers."""
+
+
 def quantizers(gm: torch.fx.GraphModule) -> dict[str, nn.Module]:
     """Every fake quantizer of ``gm`` by its quantizer node's name, in graph order."""
     return {n.name: gm.get_submodule(n.target) for n in quantizer_nodes(gm)}

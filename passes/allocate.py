@@ -23,7 +23,8 @@ HiGHS's 1e-7 feasibility tolerance; an answer over budget by more than 1e-9 rela
 A budget below Σ_g min_b r_g(b) is infeasible: InputError stating that smallest feasible budget.
 
 Allocated nodes are the conv/linear nodes whose ``fxq.qspec`` quantizes the weight; nodes without a qspec (kept
-float by the policy) stay float. Sensitivity: Ω from ``fxq.fisher[objective]`` (recomputed on every call);
+float by the policy) stay float. Sensitivity: Ω from ``fxq.fisher[objective]`` (recomputed on every call;
+objective ``uniform``: the quantization error alone, every layer weighted 1);
 nodes without ``fxq.fisher`` may carry their own ``fxq.sensitivity`` (e.g. measured), used as given.
 
 Reads ``fxq.role``, ``fxq.weight``, ``fxq.qspec``, ``fxq.fisher``, ``fxq.macs``, ``fxq.quant_error``,
@@ -242,7 +243,7 @@ def allocate_bits(gm: torch.fx.GraphModule, candidates: Sequence[int] = (2, 4, 8
 
     ``tie_groups``: extra groups of node names that must share a bit-width (e.g.
     :func:`fxq.passes.tie_groups.attention_groups`); groups of float nodes only are ignored, groups mixing
-    float and allocated nodes refused. ``objective`` picks ``fxq.fisher[objective]``.
+    float and allocated nodes refused. ``objective`` picks ``fxq.fisher[objective]`` (``uniform``: weight 1).
     """
     start = time.perf_counter()
     problem = build_problem(gm, candidates, budget_kind, latency_table, tie_groups, objective)

@@ -27,10 +27,8 @@ from torch import nn
 from fxq import meta
 from fxq.passes.pass_manager import PassResult
 from fxq.quant import FakeQuantizer, QSpec
-from fxq.roles import ATTENTION_ROLES, CONSTANT, QUANTIZE
+from fxq.roles import ATTENTION_ROLES, CONSTANT, QUANT_ROOT, QUANTIZE
 from fxq.roles import quantizers as quantizers  # re-exported: the graph's quantizers by node name
-
-QUANT_ROOT = "fxq_q"
 
 
 def annotate_quantizer(node: torch.fx.Node, src: torch.fx.Node, kind: str, module: str,

@@ -37,11 +37,11 @@ from torch import nn
 
 from fxq import meta
 from fxq.errors import InputError
-from fxq.passes.insert_quant import QUANT_ROOT, annotate_quantizer, record_inputs
+from fxq.passes.insert_quant import annotate_quantizer, record_inputs
 from fxq.passes.pass_manager import PassResult
 from fxq.quant import FakeQuantizer, QSpec, QuantMode
 from fxq.quant.numerics import bias_scale, int32_bias
-from fxq.roles import BIAS_QUANTIZE, QUANTIZE
+from fxq.roles import BIAS_QUANTIZE, QUANT_ROOT, QUANTIZE
 from fxq.targets import TARGETS, TargetProfile, target_profile
 
 

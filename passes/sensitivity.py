@@ -76,8 +76,15 @@ def quantization_errors(gm: torch.fx.GraphModule, candidates: Sequence[int] = (2
     return PassResult(gm, False, {"nodes": len(nodes), "computed": computed})
 
 
+UNIFORM = "uniform"
+"""The objective that weights every layer's quantization error alike (Ω = ‖Q_b(W) − W‖²): the baseline an
+allocation by Fisher information is compared with."""
+
+
 def fisher_value(node: torch.fx.Node, objective: str) -> float:
-    """``fxq.fisher[objective]`` of a node, or InputError saying which analysis to run."""
+    """``fxq.fisher[objective]`` of a node (1 for :data:`UNIFORM`), or InputError saying which analysis to run."""
+    if objective == UNIFORM:
+        return 1.0
     fisher = node.meta.get("fxq.fisher")
     if fisher is None:
         raise InputError(f"node {node.name!r} has no Fisher trace; run fisher_traces (or hutchinson_traces) on the "

@@ -242,3 +242,22 @@ def test_cli_allocates_saves_and_reloads(tmp_path, capsys):
     assert "avg_bits budget 6" in capsys.readouterr().out
     assert main([*common, "--analysis", str(out), "--budget", "3"]) == 2
     assert "smallest feasible budget is 4" in capsys.readouterr().err
+
+
+def test_uniform_objective_weights_every_layer_one(chain):
+    """``uniform``: Ω is the quantization error alone, i.e. the Fisher-weighted Ω divided by the Fisher trace."""
+    from fxq.passes.sensitivity import weight_sensitivity
+
+    rng = np.random.default_rng(7)
+    nodes = [n for n in chain.graph.nodes if n.name in NUMEL]
+    for node in nodes:
+        node.meta["fxq.qspec"] = QSpec(w_bits=8, a_bits=8, w_observer="minmax")
+        node.meta["fxq.fisher"] = {"overall": float(rng.uniform(0.5, 3.0))}
+    weight_sensitivity(chain, CANDIDATES, "overall", nodes)
+    weighted = {n.name: dict(n.meta["fxq.sensitivity"]) for n in nodes}
+    weight_sensitivity(chain, CANDIDATES, "uniform", nodes)
+    for node in nodes:
+        fisher = node.meta["fxq.fisher"]["overall"]
+        assert node.meta["fxq.sensitivity"] == pytest.approx({b: v / fisher for b, v in weighted[node.name].items()})
+    for node in nodes:
+        node.meta.pop("fxq.fisher")

@@ -17,6 +17,7 @@ from fxq.passes.insert_quant import insert_quantizers, quantizers
 from fxq.passes.pass_manager import PassManager
 from fxq.passes.policy import annotate_policy, quantizable_nodes
 from fxq.passes.remove_dropout import remove_dropout
+from fxq.quant import QSpec
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +144,48 @@ def test_calibrate_without_quantizers_says_what_to_run():
     _, gm = _float_graph()
     with pytest.raises(fxq.InputError, match="annotate_policy and insert_quantizers"):
         calibrate(gm, [torch.randn(1, 3, 64, 64)], progress=False)
+
+
+class _TwoReaders(torch.nn.Module):
+    """One tensor (``relu``) read by two 1x1 convs: the case where quantizer sharing must tell settings apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.left = torch.nn.Conv2d(4, 2, 1)
+        self.right = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(images))
+        return self.left(h) + self.right(h)
+
+
+@pytest.mark.parametrize("field, left, right", [("a_symmetric", False, True), ("a_observer", "minmax", "mse")])
+def test_readers_differing_in_one_setting_get_their_own_quantizers(field, left, right):
+    torch.manual_seed(0)
+    model = _TwoReaders().eval()
+    images = torch.randn(2, 3, 8, 8)
+    gm = fxq.trace(model, images)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, value in (("left", left), ("right", right)):
+        nodes[name].meta["fxq.qspec"] = QSpec(w_bits=None, a_bits=8, **{field: value})
+    insert_quantizers(gm)
+    calibrate(gm, [images, torch.randn(2, 3, 8, 8)], progress=False)
+
+    readers = {name: nodes[name].args[0] for name in ("left", "right")}
+    assert all(r.op == "call_module" and r.args[0].name == "relu" for r in readers.values())
+    q = {name: gm.get_submodule(r.target) for name, r in readers.items()}
+    assert readers["left"].target != readers["right"].target and q["left"] is not q["right"]
+    attr = "symmetric" if field == "a_symmetric" else "method"
+    assert (getattr(q["left"], attr), getattr(q["right"], attr)) == (left, right)
+    children = dict(gm.get_submodule("fxq_q").named_children())
+    assert {r.target.split(".", 1)[1] for r in readers.values()} <= set(children) and len(children) == 2
+    second = readers["right"].target
+    assert ("_sym_" in second) if field == "a_symmetric" else second.endswith("_mse")
+    # both are used: the graph computes left(q_left(h)) + right(q_right(h)) with each reader's own quantizer
+    with torch.no_grad():
+        h = torch.relu(model.stem(images))
+        expected = model.left(q["left"](h)) + model.right(q["right"](h))
+        assert torch.allclose(gm(images), expected, atol=1e-6)
+        if field == "a_symmetric":
+            assert not torch.equal(q["left"](h), q["right"](h))

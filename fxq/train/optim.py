@@ -8,10 +8,10 @@ from torch import nn
 from torch.optim import AdamW
 
 from fxq.errors import InputError
+from fxq.roles import QUANT_ROOT
 from fxq.train.config import TrainConfig
 
-#: Submodule root of the fake quantizers that fxq.passes.insert_quant adds to a graph.
-QUANTIZER_PREFIX = "fxq_q."
+QUANTIZER_PREFIX = f"{QUANT_ROOT}."
 
 
 def _group_of(name: str) -> str:
