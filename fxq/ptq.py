@@ -13,7 +13,7 @@ and the same Lp search for ``mse``/``lp``/``detptq``. A target whose kernels nee
 
 from __future__ import annotations
 
-import copy
+import os
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from fxq.passes.fold_bn import fold_batchnorm
 from fxq.passes.pass_manager import PassManager
-from fxq.passes.policy import annotate_policy
+from fxq.passes.precision import annotated_copy
 from fxq.passes.quantize import quantize_annotated
 from fxq.passes.remove_dropout import remove_dropout
 from fxq.quant import QSpec
@@ -36,14 +36,15 @@ def float_graph(model: nn.Module, size: tuple[int, int] = (160, 160)) -> Detecto
     return gm
 
 
-def quantize_ptq(float_gm: DetectorGraph, calib: Iterable, policy: str | QSpec = "W8A8", method: str = "minmax",
-                 overrides: Mapping[str, str | QSpec | None] | None = None, progress: bool = True,
-                 target: str | TargetProfile | None = None, num_batches: int | None = None) -> DetectorGraph:
-    """A calibrated fake-quantized copy of ``float_gm`` (``calib`` yields loader batches or image tensors),
-    prepared for runtime ``target`` (a name of :data:`fxq.targets.TARGETS` or a profile; None: the plain
-    recipe); ``num_batches`` batches of ``calib`` calibrate (all by default)."""
+def quantize_ptq(float_gm: DetectorGraph, calib: Iterable, policy: str | QSpec | None = "W8A8",
+                 method: str = "minmax", overrides: Mapping[str, str | QSpec | None] | None = None,
+                 progress: bool = True, target: str | TargetProfile | None = None, num_batches: int | None = None,
+                 allocation: str | os.PathLike | None = None) -> DetectorGraph:
+    """A calibrated fake-quantized copy of ``float_gm`` (``calib`` yields loader batches or image tensors) at a
+    uniform ``policy`` or, with ``policy=None``, at the per-node precision of an ``allocation`` file
+    (``fxq allocate --out``), prepared for runtime ``target`` (a name of :data:`fxq.targets.TARGETS` or a
+    profile; None: the plain recipe); ``num_batches`` batches of ``calib`` calibrate (all by default)."""
     profile = None if target is None else target_profile(target)
-    gm = copy.deepcopy(float_gm)
-    annotate_policy(gm, policy, overrides)
+    gm = annotated_copy(float_gm, policy, allocation, overrides)
     quantize_annotated(gm, calib, float_gm, method, profile, num_batches, progress)
     return gm

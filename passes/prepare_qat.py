@@ -46,7 +46,6 @@ or None, "learnable": ["scale"] or ["scale", "zero_point"]}.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -56,14 +55,13 @@ import torch.fx
 
 from fxq import meta
 from fxq.errors import InputError
-from fxq.passes.analysis_io import _read, load_analysis
 from fxq.passes.calibrate import record_calibration
 from fxq.passes.pass_manager import PassResult
-from fxq.passes.policy import annotate_policy, assign_qspec
+from fxq.passes.precision import annotated_copy
 from fxq.passes.quantize import quantize_annotated
 from fxq.passes.weights import parameter, weight_ref
 from fxq.quant import QSpec, parse_method
-from fxq.roles import QUANTIZABLE_ROLES, quantizer_nodes, quantizers
+from fxq.roles import quantizer_nodes, quantizers
 from fxq.targets import TargetProfile, target_profile
 from fxq.tracing import DetectorGraph
 
@@ -88,52 +86,6 @@ def default_init(gm: torch.fx.GraphModule) -> str:
     specs = [meta.get(n, meta.QSPEC) for n in gm.graph.nodes]
     bits = [b for s in specs if s is not None for b in (s.w_bits, s.a_bits, s.attn_bits) if b is not None]
     return DEFAULT_INIT["8bit" if min(bits, default=8) >= 8 else "low_bit"]
-
-
-def _annotated(float_gm: DetectorGraph, policy: str | QSpec | None, allocation: str | os.PathLike | None,
-               overrides: Mapping[str, str | QSpec | None] | None) -> DetectorGraph:
-    if policy is not None and allocation is not None:
-        raise InputError("give either a uniform policy or an allocation file, not both")
-    if overrides is not None and policy is None:
-        raise InputError("overrides apply to a uniform policy; an allocation already fixes every node's "
-                         "precision (edit it, or pass policy=... with overrides)")
-    gm = copy.deepcopy(float_gm)
-    if policy is not None:
-        annotate_policy(gm, policy, overrides)
-    elif allocation is not None:
-        _load_allocation(gm, allocation)
-    annotated = [n.name for n in gm.graph.nodes if meta.get(n, meta.QSPEC) is not None]
-    if not annotated:
-        where = f"allocation {os.fspath(allocation)!r}" if allocation is not None else "the graph"
-        raise InputError(f"{where} gives no node an fxq.qspec, so there is nothing to quantize; pass "
-                         "policy='W4A8' (or another policy), an allocation file from fxq allocate, or annotate "
-                         "the graph with annotate_policy / allocate_bits first")
-    _check_nodes(gm, annotated, "the graph's fxq.qspec annotations")
-    return gm
-
-
-def _load_allocation(gm: torch.fx.GraphModule, allocation: str | os.PathLike) -> None:
-    saved = _read(allocation)["nodes"]
-    _check_nodes(gm, [name for name, record in saved.items() if meta.QSPEC.name in record],
-                 f"allocation {os.fspath(allocation)!r}")
-    for node in gm.graph.nodes:
-        assign_qspec(node, None)
-    load_analysis(gm, allocation)
-
-
-def _check_nodes(gm: torch.fx.GraphModule, names: list[str], where: str) -> None:
-    """InputError naming the first of ``names`` that is not a quantizable node of ``gm`` with its weight."""
-    by_name = {n.name: n for n in gm.graph.nodes}
-    for name in names:
-        node = by_name.get(name)
-        role = None if node is None else meta.get(node, meta.ROLE)
-        if role not in QUANTIZABLE_ROLES:
-            what = "does not exist" if node is None else f"is a {role!r} node"
-            raise InputError(f"{where} does not match this graph: node {name!r} {what} here, where a "
-                             "quantizable conv/linear/attention node is expected; it was made for another model "
-                             "(or other passes): allocate this model's float graph (fxq allocate MODEL --out FILE)")
-        if weight_ref(node) is not None:
-            parameter(gm, weight_ref(node), node)
 
 
 def _images_batch(gm: torch.fx.GraphModule) -> list | None:
@@ -178,7 +130,7 @@ def prepare_qat(float_gm: DetectorGraph, calib: Iterable, policy: str | QSpec | 
     if init is not None:
         check_init(init)
     profile = None if target is None else target_profile(target)
-    annotated = _annotated(float_gm, policy, allocation, overrides)
+    annotated = annotated_copy(float_gm, policy, allocation, overrides)
     method = init or default_init(annotated)
     gm = quantize_annotated(annotated, calib, float_gm, method, profile, progress=progress).gm
     if not quantizers(gm):

@@ -261,3 +261,35 @@ def test_uniform_objective_weights_every_layer_one(chain):
         assert node.meta["fxq.sensitivity"] == pytest.approx({b: v / fisher for b, v in weighted[node.name].items()})
     for node in nodes:
         node.meta.pop("fxq.fisher")
+
+
+def test_cli_exports_an_allocation_at_its_bits(tmp_path, capsys):
+    """`fxq export --allocation`: every weight the allocation puts at 4 bits is stored as INT4 in the ONNX file,
+    every 8-bit one as INT8; another model's allocation is refused naming a node."""
+    import json
+
+    import onnx
+
+    from fxq.cli import main
+    from fxq.data import write_synthetic
+
+    write_synthetic(tmp_path / "synth", seed=0, train=2, val=2, size=64)
+    analysis, onnx_path = tmp_path / "analysis.json", tmp_path / "m.onnx"
+    assert main(["allocate", "detr_tiny", "--size", "64", "--candidates", "4", "8", "--no-progress", "--data",
+                 str(tmp_path / "synth"), "--split", "val", "--images", "2", "--budget", "6",
+                 "--out", str(analysis)]) == 0
+    chosen = {name: r["fxq.qspec"]["w_bits"] for name, r in json.loads(analysis.read_text())["nodes"].items()
+              if "fxq.sensitivity" in r and r["fxq.qspec"]["w_bits"]}  # the allocated conv/linear weights
+    assert {4, 8} <= set(chosen.values())
+    export = ["export", "--calib", str(tmp_path / "synth"), "--size", "64", "64", "--out", str(onnx_path)]
+    assert main([*export[:1], "detr_tiny", *export[1:], "--allocation", str(analysis)]) == 0
+    graph = onnx.load(onnx_path).graph
+    dequantized = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    types = [i.data_type for i in graph.initializer if i.name in dequantized]  # weights, not zero points
+    expected = {bits: sum(1 for b in chosen.values() if b == bits) for bits in (4, 8)}
+    assert types.count(onnx.TensorProto.INT4) == expected[4]
+    assert types.count(onnx.TensorProto.INT8) == expected[8]
+    capsys.readouterr()
+    other = tmp_path / "other.onnx"
+    assert main(["export", "deformable_detr_tiny", *export[1:-1], str(other), "--allocation", str(analysis)]) == 2
+    assert "does not match this graph: node" in capsys.readouterr().err and not other.exists()

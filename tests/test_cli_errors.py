@@ -74,6 +74,9 @@ CASES = [
      "is a folder"),
     ("export-json-under-file", [*EXPORT, "--json", "{file}/r.json"], "cannot be created"),
     ("export-bad-policy", [*EXPORT, "--policy", "W9A8"], "W9A8"),
+    ("export-policy-and-allocation", [*EXPORT, "--policy", "W4A8", "--allocation", "{file}"], "not both"),
+    ("export-missing-allocation", [*EXPORT, "--allocation", "{tmp}/none.json"], "--allocation"),
+    ("export-allocation-not-analysis", [*EXPORT, "--allocation", "{file}"], "analysis"),
     ("export-no-calib", ["export", "detr_tiny", "--out", "{tmp}/m.onnx"], "--calib"),
     ("export-nan-weights", [*EXPORT, "--checkpoint", "{nan}"], "NaN/inf"),
     # fxq allocate

@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", help="model name (see `fxq inspect --list`); not with --qat")
     p.add_argument("--qat", metavar="RUN", help="lower this finished `fxq qat` run (no calibration: its learned "
                    "quantizers; model, policy, size and runtime come from RUN/config.json)")
-    p.add_argument("--policy", default="W8A8", help='precision policy, e.g. "W8A8", "W4A8", "4-4-8" (default W8A8)')
+    p.add_argument("--policy", help='uniform precision policy, e.g. "W8A8", "W4A8", "4-4-8" (default W8A8)')
+    p.add_argument("--allocation", metavar="A.json", help="per-node precision from `fxq allocate MODEL --out A.json` "
+                   "(instead of --policy)")
     p.add_argument("--calib", help="COCO folder whose images calibrate the activations (not with --qat)")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--checkpoint", help="weights to load (official {'model': ...} file or plain state_dict; default: "
@@ -43,12 +45,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.qat:
         return _run_qat(args)
-    if not args.model or not args.calib:
-        from fxq.errors import InputError
+    from fxq.errors import InputError
 
+    if not args.model or not args.calib:
         raise InputError("give MODEL and --calib FOLDER (or --qat RUN to lower a QAT run)")
 
     from fxq.backends.capabilities import runtime_capabilities
+    from fxq.cli.checks import check_input_file
     from fxq.cli.train import verify_images
     from fxq.data import CocoDetection, collate, eval_transforms
     from fxq.evaluation.finite import check_finite_weights
@@ -58,7 +61,13 @@ def run(args: argparse.Namespace) -> int:
 
     h, w = args.size
     _check_args(args)
-    parse_policy(args.policy)
+    if args.policy and args.allocation:
+        raise InputError("give --policy or --allocation, not both (an allocation fixes every node's precision)")
+    if not args.allocation:
+        args.policy = args.policy or "W8A8"
+        parse_policy(args.policy)
+    else:
+        check_input_file(args.allocation, "--allocation")
     if args.runtime:
         runtime_capabilities(args.runtime)  # an unknown or uninstalled runtime fails before calibration
     data = CocoDetection.from_folder(args.calib, transforms=eval_transforms(min(h, w), max(h, w)))
@@ -68,9 +77,10 @@ def run(args: argparse.Namespace) -> int:
     model = build(args.model, checkpoint=args.checkpoint, seed=0)
     check_finite_weights(model, args.checkpoint or args.model)
     float_gm = float_graph(model, (h, w))
-    gm = quantize_ptq(float_gm, loader, args.policy, target=args.runtime, num_batches=args.calib_batches)
-    _lower(gm, example, args, args.runtime,
-           {"model": args.model, "policy": args.policy, "size": [h, w], "runtime": args.runtime})
+    gm = quantize_ptq(float_gm, loader, args.policy, target=args.runtime, num_batches=args.calib_batches,
+                      allocation=args.allocation)
+    _lower(gm, example, args, args.runtime, {"model": args.model, "policy": args.policy,
+                                             "allocation": args.allocation, "size": [h, w], "runtime": args.runtime})
     return 0
 
 
@@ -97,8 +107,9 @@ def _run_qat(args: argparse.Namespace) -> int:
     from fxq.errors import InputError
     from fxq.qat import load_run
 
-    if args.model or args.calib:
-        raise InputError("--qat RUN takes model, policy and calibration from the run: drop MODEL and --calib")
+    if args.model or args.calib or args.allocation:
+        raise InputError("--qat RUN takes model, precision and calibration from the run: drop MODEL, --calib and "
+                         "--allocation")
     _check_args(args)
     recipe, student = load_run(args.qat)
     runtime = args.runtime or recipe.target
