@@ -19,9 +19,10 @@ from fxq.cli import build_parser, main
 from fxq.cli.pipeline import recipe_options
 from fxq.cli.recipe import effective_recipe
 
-KEYS = ["model", "checkpoint", "data", "policy", "method", "critical", "calib_images", "val_images", "size", "out",
-        "seed"]
+KEYS = ["model", "checkpoint", "data", "policy", "allocation", "method", "critical", "calib_images", "val_images",
+        "size", "runtime", "latency_runs", "threads", "out", "seed"]
 ARTIFACTS = ["recipe.yaml", "environment.json", "model.json", "eval_fp32.json", "eval_quant.json"]
+DEPLOYED = ["export.json", "parity.json", "latency.json", "model_fp32.onnx", "model_quant.onnx"]
 
 
 def parsed_recipe(argv: list[str]) -> dict:
@@ -98,7 +99,7 @@ def test_a_missing_recipe_file_is_named(tmp_path, capsys):
 
 
 def test_the_run_folder_holds_each_stages_artifact(run):
-    assert all((run / name).is_file() for name in [*ARTIFACTS, "summary.json", "report.html"])
+    assert all((run / name).is_file() for name in [*ARTIFACTS, *DEPLOYED, "summary.json", "report.html"])
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     assert recipe == {**parsed_recipe([]), "size": 64, "calib_images": 4, "val_images": 8, "out": str(run)}
     fp32, quant = read(run, "eval_fp32.json"), read(run, "eval_quant.json")
@@ -186,6 +187,41 @@ def test_the_report_shows_the_artifacts_numbers(run):
     assert shlex.split(command.replace("\\\n", "")) == shlex.split(env["command"])
 
 
+def test_parity_is_onnxruntime_on_the_evaluated_images(run):
+    """parity.json's AP is what onnxruntime's own outputs on the run's validation images score (recomputed here
+    from model_quant.onnx), and its |Δ| is small against the fake-quant graph's AP difference."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from fxq.backends import OrtSession
+    from fxq.data import CocoDetection, collate, eval_transforms
+    from fxq.evaluation import evaluate, postprocess, to_coco_results
+
+    parity, quant = read(run, "parity.json"), read(run, "eval_quant.json")
+    ds = CocoDetection.from_folder(run / "data", "val", transforms=eval_transforms(64))
+    session, detections = OrtSession(run / "model_quant.onnx"), []
+    for images, _, targets in DataLoader(Subset(ds, range(parity["num_images"])), batch_size=3, collate_fn=collate):
+        sizes = torch.stack([t["orig_size"] for t in targets])
+        detections += to_coco_results(postprocess(session.run(images), sizes, "sigmoid", 100),
+                                      [int(t["image_id"]) for t in targets])
+    ids = [ds.ids[i] for i in range(parity["num_images"])]
+    assert evaluate(ds.coco, detections, image_ids=ids)["AP"] == pytest.approx(parity["AP"], abs=1e-9)
+    assert parity["max_abs_diff"]["pred_boxes"] < 0.05 and abs(parity["AP"] - quant["AP"]) < 0.05
+
+
+def test_latency_and_export_records_agree_with_the_files(run):
+    latency, export = read(run, "latency.json"), read(run, "export.json")
+    rows = latency["rows"]
+    assert latency["speedup"] == pytest.approx(rows["fp32"]["median_ms"] / rows["quantized"]["median_ms"], rel=1e-2)
+    assert rows["fp32"]["runs"] == rows["quantized"]["runs"] == 20
+    assert export["quant_bytes"] == (run / "model_quant.onnx").stat().st_size < export["fp32_bytes"]
+    page = (run / "report.html").read_text()
+    layers = Tables(page).tables["layers"]
+    assert [cells[0] for _, cells in layers[1:]] == [n["node"] for n in export["report"]["nodes"]]
+    parity = read(run, "parity.json")
+    assert f"AP {shown(parity['AP'])}" in html.unescape(page) and f"{latency['speedup']:.2f}×" in page
+
+
 def test_the_report_is_self_contained(run):
     page = (run / "report.html").read_text()
     lowered = page.lower()
@@ -201,7 +237,7 @@ def test_the_report_is_self_contained(run):
 def test_fxq_report_rebuilds_the_same_page_from_the_artifacts_alone(run, tmp_path, capsys):
     copy = tmp_path / "again" / run.name
     copy.mkdir(parents=True)
-    for name in ARTIFACTS:  # no data, no model: only the five artifacts
+    for name in [*ARTIFACTS, *DEPLOYED[:3]]:  # no data, no model, no ONNX file: only the JSON/YAML artifacts
         shutil.copy(run / name, copy / name)
     assert main(["report", str(copy)]) == 0
     assert f"report: {copy / 'report.html'}" in capsys.readouterr().out

@@ -1,10 +1,12 @@
-"""``fxq pipeline``: the whole flow on one model — data, float accuracy, PTQ, accuracy of the quantized graph, report.
+"""``fxq pipeline``: the whole flow on one model — data, float accuracy, PTQ (a uniform policy or an allocation),
+accuracy of the quantized graph, runtime-aware ONNX export, onnxruntime parity and accuracy, latency, report.
 
 Defaults run in about a minute on 2 cores: the embedded tiny Deformable DETR, a fresh synthetic set (seed 1, so images
-the model never saw), W8A8 with min-max calibration. Options come from the flags, else from a --recipe YAML file,
-else from the defaults (--print-recipe prints the recipe the arguments give). Writes one file per stage into OUT:
-recipe.yaml (the effective options), environment.json (command, versions, machine), model.json, eval_fp32.json,
-eval_quant.json (per-category AP), summary.json, and last report.html (`fxq report OUT` rebuilds it).
+the model never saw), W8A8 with min-max calibration, prepared for ORT CPU. Options come from the flags, else from a
+--recipe YAML file, else from the defaults (--print-recipe prints the recipe the arguments give). Writes one file per
+stage into OUT: recipe.yaml (the effective options), environment.json (command, versions, machine), model.json,
+eval_fp32.json, eval_quant.json (per-category AP), model_fp32.onnx, model_quant.onnx, export.json, parity.json,
+latency.json (unless --latency-runs 0), summary.json, and last report.html (`fxq report OUT` rebuilds it).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action=Given,
                    help="COCO folder with train (calibration) and val splits (default: a new synthetic one)")
     p.add_argument("--policy", action=Given, default="W8A8", help='precision policy: W8A8, W4A8, W4A4, "4-4-8", ...')
+    p.add_argument("--allocation", action=Given, metavar="A.json",
+                   help="per-node precision from `fxq allocate MODEL --out A.json` instead of the policy (made for "
+                        "--model at --size)")
     p.add_argument("--method", action=Given, default="minmax",
                    help="calibration: minmax, percentile:99.99, mse, lp:<p>, detptq")
     p.add_argument("--critical", action=Given, nargs="+", default=["person"],
@@ -46,6 +51,12 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-images", action=Given, type=int, default=32, help="calibration images (train split)")
     p.add_argument("--val-images", action=Given, type=int, default=100, help="evaluation images (val split)")
     p.add_argument("--size", action=Given, type=int, default=160, help="input side in pixels")
+    p.add_argument("--runtime", action=Given, default="ort-cpu",
+                   help="runtime the quantized ONNX file is prepared for (ort-cpu; none: plain QDQ)")
+    p.add_argument("--latency-runs", action=Given, type=int, default=20,
+                   help="timed runs of each ONNX file, interleaved (0: no latency stage)")
+    p.add_argument("--threads", action=Given, type=int, default=None,
+                   help="onnxruntime intra-op threads for parity and latency (default: onnxruntime's)")
     p.add_argument("--out", action=Given, default="runs/pipeline", help="output folder")
     p.add_argument("--seed", action=Given, type=int, default=1, help="seed of the synthetic set and of torch")
 
@@ -96,15 +107,29 @@ def run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> None:
     """Every option checked before any work."""
-    from fxq.cli.checks import check_at_least, check_checkpoint, check_input_folder, check_output_file, check_size
+    from fxq.cli.checks import (
+        check_at_least,
+        check_checkpoint,
+        check_input_file,
+        check_input_folder,
+        check_output_file,
+        check_size,
+    )
+    from fxq.errors import InputError
     from fxq.quant import parse_method, parse_policy
+    from fxq.targets import TARGETS
 
-    check_at_least(args, {"calib_images": 1, "val_images": 1, "seed": 0})
+    check_at_least(args, {"calib_images": 1, "val_images": 1, "seed": 0, "latency_runs": 0, "threads": 1})
     check_size(args.size)
     check_checkpoint(args.checkpoint)
     check_input_folder(args.data, "--data")
+    check_input_file(args.allocation, "--allocation")
     check_output_file(Path(args.out) / "summary.json", "--out")
     parse_policy(args.policy)
+    if args.allocation and args.policy != "W8A8":
+        raise InputError(f"give a policy ({args.policy}) or an allocation ({args.allocation}), not both")
+    if args.runtime not in (*TARGETS, "none"):
+        raise InputError(f"--runtime {args.runtime} is not a target: choose one of {', '.join(TARGETS)} or none")
     if args.method != "detptq":
         parse_method(args.method)
 
@@ -113,9 +138,11 @@ def _write_setup(out: Path, recipe: dict, options: dict) -> str:
     """Write the run folder's recipe.yaml and environment.json; the new run's id (every artifact carries it)."""
     from fxq.cli.environment import environment
     from fxq.cli.recipe import command_line, dump_recipe
-    from fxq.cli.run_artifacts import ENVIRONMENT, write_recipe
+    from fxq.cli.run_artifacts import ENVIRONMENT, ONNX_FP32, ONNX_QUANT, OPTIONAL, write_recipe
     from fxq.io import write_json
 
+    for name in (*OPTIONAL, ONNX_FP32, ONNX_QUANT):  # a new run: no stage's file of the last one stays
+        (out / name).unlink(missing_ok=True)
     write_recipe(out, dump_recipe(recipe, options))
     env = environment(command_line("fxq pipeline", recipe, options))
     write_json(out / ENVIRONMENT, env)
@@ -145,16 +172,49 @@ def _run_stages(args: argparse.Namespace, run_id: str) -> int:
     record = {"run_id": run_id, "graph": "fp32 (FX graph)", "seconds": 0.0}
     rows = [_evaluate(out / EVAL_FP32, record, fgm, val, val_ds, critical)]
     start = time.perf_counter()
-    qgm = quantize_ptq(fgm, calib, args.policy, args.method, progress=False)
-    record = {"run_id": run_id, "graph": f"{args.policy} {args.method}",
+    runtime = None if args.runtime == "none" else args.runtime
+    precision = "allocation" if args.allocation else args.policy
+    qgm = quantize_ptq(fgm, calib, None if args.allocation else args.policy, args.method, progress=False,
+                       target=runtime, allocation=args.allocation)
+    record = {"run_id": run_id, "graph": f"{precision} {args.method}",
               "seconds": round(time.perf_counter() - start, 1), "policy": args.policy, "method": args.method,
-              "quantizers": len(quantizer_nodes(qgm))}
+              "allocation": args.allocation, "runtime": runtime, "quantizers": len(quantizer_nodes(qgm))}
     rows.append(_evaluate(out / EVAL_QUANT, record, qgm, val, val_ds, critical))
+    deployed = _deploy(args, out, run_id, fgm, qgm, runtime, (val, val_ds, critical))
     _print_rows(args, root, rows)
+    _print_deployment(deployed)
     write_json(out / SUMMARY, {"run_id": run_id, "model": args.model, "policy": args.policy,
-                               "method": args.method, "rows": rows})
+                               "allocation": args.allocation, "method": args.method, "rows": rows, **deployed})
     print(f"report: {build_report(out)}")
     return 0
+
+
+def _deploy(args: argparse.Namespace, out: Path, run_id: str, fgm, qgm, runtime: str | None, data) -> dict:
+    """Export, ORT parity and (unless --latency-runs 0) latency stages; what the summary shows of them."""
+    from fxq.cli.pipeline_deploy import export_stage, latency_stage, parity_stage
+
+    val, val_ds, critical = data
+    export = export_stage(out, run_id, fgm, qgm, args.size, runtime)
+    parity = parity_stage(out, run_id, qgm, val, val_ds, critical)
+    found = {"export": {k: export[k] for k in ("runtime", "fp32_bytes", "quant_bytes")},
+             "parity": {k: parity[k] for k in ("max_abs_diff", "AP", "critical_AP")}}
+    if args.latency_runs:
+        latency = latency_stage(out, run_id, args.size, args.latency_runs, args.threads)
+        found["latency"] = {"fp32_ms": latency["rows"]["fp32"]["median_ms"],
+                            "quantized_ms": latency["rows"]["quantized"]["median_ms"], "speedup": latency["speedup"]}
+    return found
+
+
+def _print_deployment(found: dict) -> None:
+    export, parity = found["export"], found["parity"]
+    diff = parity["max_abs_diff"]
+    print(f"ONNX ({export['runtime'] or 'plain QDQ'}): {export['quant_bytes']:,} bytes quantized vs "
+          f"{export['fp32_bytes']:,} float; onnxruntime AP {parity['AP']:.3f} (critical {parity['critical_AP']:.3f}),"
+          f" max |Δ| vs the graph: logits {diff['pred_logits']:.2e}, boxes {diff['pred_boxes']:.2e}")
+    if "latency" in found:
+        t = found["latency"]
+        print(f"latency (onnxruntime, batch 1): fp32 {t['fp32_ms']:.1f} ms, quantized {t['quantized_ms']:.1f} ms "
+              f"({t['speedup']:.2f}×)")
 
 
 def _model_record(args: argparse.Namespace, model: torch.nn.Module, fgm: torch.fx.GraphModule) -> dict:

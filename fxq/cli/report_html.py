@@ -34,12 +34,14 @@ def render_report(run: dict[str, Any], title: str) -> str:
         f"<p class=\"sub\">{_e(title)} · started {_e(run['environment']['started'])}</p>",
         "<h2>Model and recipe</h2>", _summary(run),
         "<h2>Accuracy</h2>", _accuracy(fp32, quant),
+        "<h2>Deployment</h2>", _deployment(run),
+        "<h2>Quantized layers</h2>", _layers(run.get("export")),
         "<h2>Per-category AP</h2>", _figure(fp32, quant),
         "<h2>Reproduce</h2>", _reproduce(run),
         "<h2>Environment</h2>", _environment(run["environment"]),
         "<h2>Per-category table</h2>", _categories(fp32, quant),
-        "<footer>Built by <code>fxq report</code> from recipe.yaml, environment.json, model.json, eval_fp32.json and "
-        "eval_quant.json alone.</footer>",
+        "<footer>Built by <code>fxq report</code> from recipe.yaml, environment.json, model.json, eval_fp32.json, "
+        "eval_quant.json, export.json, parity.json and latency.json alone.</footer>",
     ]
     body = "\n".join(sections)
     return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -82,6 +84,48 @@ def _accuracy(fp32: dict, quant: dict) -> str:
     return (f"<table id=\"accuracy\"><tr><th>graph</th>{head}</tr>\n" + "\n".join(rows) + "</table>\n"
             "<p class=\"sub\">COCO AP@[.50:.95]; critical / rest AP: mean per-category AP over the critical "
             "categories / the others with ground truth.</p>")
+
+
+def _deployment(run: dict) -> str:
+    """Export, onnxruntime parity and latency facts; a note where the run has none of them."""
+    export, parity, latency = run.get("export"), run.get("parity"), run.get("latency")
+    if export is None:
+        return "<p id=\"deployment\">This run has no export stage (no export.json).</p>"
+    facts = [("ONNX file", f"{export['quant_bytes']:,} bytes quantized vs {export['fp32_bytes']:,} float "
+                           f"({export['fp32_bytes'] / export['quant_bytes']:.2f}× smaller), prepared for "
+                           f"{export['runtime'] or 'plain QDQ (no runtime)'}")]
+    report = export["report"]
+    if isinstance(report, dict) and report.get("nodes"):
+        kinds: dict[str, int] = {}
+        for node in report["nodes"]:
+            kinds[str(node.get("executed"))] = kinds.get(str(node.get("executed")), 0) + 1
+        facts.append(("quantized nodes run as", ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))))
+    if parity is not None:
+        diff = parity["max_abs_diff"]
+        facts.append(("onnxruntime vs fake-quant graph", f"max |Δ| logits {diff['pred_logits']:.2e}, boxes "
+                      f"{diff['pred_boxes']:.2e} over {parity['num_images']} images"))
+        facts.append(("onnxruntime accuracy", f"AP {_ap(parity['AP'])}, AP50 {_ap(parity['AP50'])}, critical AP "
+                                               f"{_ap(parity['critical_mAP'])}"))
+    if latency is not None:
+        rows = latency["rows"]
+        facts.append(("latency (batch 1, interleaved)",
+                      f"fp32 {rows['fp32']['median_ms']:.1f} ms (p90 {rows['fp32']['p90_ms']:.1f}), quantized "
+                      f"{rows['quantized']['median_ms']:.1f} ms (p90 {rows['quantized']['p90_ms']:.1f}): "
+                      f"{latency['speedup']:.2f}× at {'×'.join(map(str, latency['size']))}, "
+                      f"{latency['threads'] or 'default'} threads, {rows['fp32']['runs']} runs each"))
+    return f"<div id=\"deployment\">{_facts(facts)}</div>"
+
+
+def _layers(export: dict | None) -> str:
+    """The quantized nodes in graph order: requested precision, weight storage, how and on which kernel they run."""
+    nodes = (export or {}).get("report", {}).get("nodes") if isinstance((export or {}).get("report"), dict) else None
+    if not nodes:
+        return "<p id=\"layers\">No per-node lowering report in this run (plain QDQ export, or no export).</p>"
+    cols = ("node", "role", "requested", "weight_storage", "executed", "kernel")
+    head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
+    rows = "\n".join("<tr>" + "".join(f"<td>{_e(n.get(c) or '')}</td>" for c in cols) + "</tr>" for n in nodes)
+    return (f"<details><summary>{len(nodes)} quantized nodes, in graph order</summary>"
+            f"<table id=\"layers\"><tr>{head}</tr>\n{rows}</table></details>")
 
 
 def _figure(fp32: dict, quant: dict) -> str:

@@ -19,6 +19,10 @@ from fxq.io import write_atomic, write_json
 RECIPE, ENVIRONMENT, MODEL = "recipe.yaml", "environment.json", "model.json"
 EVAL_FP32, EVAL_QUANT, SUMMARY = "eval_fp32.json", "eval_quant.json", "summary.json"
 REPORT = "report.html"
+ONNX_FP32, ONNX_QUANT = "model_fp32.onnx", "model_quant.onnx"
+EXPORT, PARITY, LATENCY = "export.json", "parity.json", "latency.json"
+#: Artifacts of the deployment stages: the report shows them when present (a run may skip them).
+OPTIONAL = (EXPORT, PARITY, LATENCY)
 
 #: The keys the report reads from each JSON artifact.
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -26,6 +30,9 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     MODEL: ("run_id", "model", "checkpoint", "size", "parameters", "macs", "graph_nodes"),
     EVAL_FP32: ("run_id", "graph", "AP", "AP50", "critical_mAP", "rest_mAP", "categories", "num_images"),
     EVAL_QUANT: ("run_id", "graph", "AP", "AP50", "critical_mAP", "rest_mAP", "categories", "num_images", "quantizers"),
+    EXPORT: ("run_id", "runtime", "fp32_bytes", "quant_bytes", "report"),
+    PARITY: ("run_id", "max_abs_diff", "AP", "AP50", "critical_mAP", "categories", "num_images"),
+    LATENCY: ("run_id", "threads", "size", "rows", "speedup"),
 }
 #: The keys of each per-category row of an evaluation artifact.
 CATEGORY_KEYS = ("id", "name", "AP", "num_gt", "critical")
@@ -43,7 +50,8 @@ def write_eval(run: Path, name: str, record: dict, metrics: dict) -> None:
 
 
 def read_run(run: str | Path) -> dict[str, Any]:
-    """{recipe, recipe_text, environment, model, fp32, quant}: the artifacts of the run folder ``run``, checked."""
+    """{recipe, recipe_text, environment, model, fp32, quant, export, parity, latency}: the artifacts of the run
+    folder ``run``, checked (the last three None where the run has none)."""
     run = Path(run)
     if not run.is_dir():
         what = "a file" if run.exists() else "missing"
@@ -54,6 +62,8 @@ def read_run(run: str | Path) -> dict[str, Any]:
     recipe, recipe_text = _read_recipe(run)
     found = {"recipe": recipe, "recipe_text": recipe_text, "environment": _read_json(run, ENVIRONMENT),
              "model": _read_json(run, MODEL), "fp32": _read_json(run, EVAL_FP32), "quant": _read_json(run, EVAL_QUANT)}
+    for name in OPTIONAL:
+        found[name.removesuffix(".json")] = _read_json(run, name) if (run / name).is_file() else None
     _check_same_run(run, found)
     return found
 
@@ -62,8 +72,10 @@ def _check_same_run(run: Path, found: dict) -> None:
     """InputError unless every artifact comes from the run environment.json describes (a run that stopped early
     leaves the previous run's later files behind)."""
     run_id = found["environment"]["run_id"]
-    for key, name in (("model", MODEL), ("fp32", EVAL_FP32), ("quant", EVAL_QUANT)):
-        if found[key]["run_id"] != run_id:
+    named = [("model", MODEL), ("fp32", EVAL_FP32), ("quant", EVAL_QUANT),
+             *((name.removesuffix(".json"), name) for name in OPTIONAL)]
+    for key, name in named:
+        if found[key] is not None and found[key]["run_id"] != run_id:
             raise InputError(f"{run / name} is from an earlier run than {run / ENVIRONMENT} (the last run stopped "
                              f"before writing it): {_remedy(run)}")
 

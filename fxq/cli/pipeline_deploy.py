@@ -1,0 +1,88 @@
+"""The deployment stages of ``fxq pipeline``: runtime-aware ONNX export, ORT parity on the validation images, and
+the latency of the float and the quantized file on this machine.
+
+Artifacts (all written atomically into the run folder): ``model_fp32.onnx`` and ``model_quant.onnx``;
+``export.json`` (the lowering report: quantized nodes, the kernel each runs on, file sizes); ``parity.json`` (the
+quantized ONNX file run by onnxruntime on the evaluation images against the fake-quant graph: the largest
+|Δ| of logits and boxes over the images, and the COCO metrics of onnxruntime's detections, so the AP the
+deployable file gets sits beside the graph's); ``latency.json`` (both files timed in interleaved rounds at batch
+1 on the run's input size: median, p90, mean and min, and the speed-up of medians).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fxq.cli.run_artifacts import EXPORT, LATENCY, ONNX_FP32, ONNX_QUANT, PARITY, write_eval
+from fxq.io import write_json
+
+
+class OrtDetector(nn.Module):
+    """An ONNX detector run by onnxruntime behind a module's call, for :func:`fxq.evaluation.evaluate_model`."""
+
+    takes_mask = False
+
+    def __init__(self, path: Path, head: str, threads: int | None = None) -> None:
+        super().__init__()
+        from fxq.backends import OrtSession
+
+        self.session, self.head = OrtSession(path, threads=threads), head
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.session.run(images)
+
+
+def export_stage(out: Path, run_id: str, fgm, qgm, size: int, runtime: str | None) -> dict:
+    """Lower the float and the quantized graph; write export.json; its record."""
+    from fxq.backends import lower_to_onnx
+    from fxq.backends.runtime_lower import lower_for_runtime
+
+    example = torch.zeros(1, 3, size, size)
+    start = time.perf_counter()
+    lower_to_onnx(fgm, example, out / ONNX_FP32, opset=17)
+    if runtime:
+        report = lower_for_runtime(qgm, example, out / ONNX_QUANT, runtime)
+    else:
+        report = lower_to_onnx(qgm, example, out / ONNX_QUANT)
+    record = {"run_id": run_id, "runtime": runtime, "seconds": round(time.perf_counter() - start, 1),
+              "fp32_bytes": (out / ONNX_FP32).stat().st_size, "quant_bytes": (out / ONNX_QUANT).stat().st_size,
+              "report": report.to_dict()}
+    write_json(out / EXPORT, record)
+    return record
+
+
+def parity_stage(out: Path, run_id: str, qgm, loader, ds, critical) -> dict:
+    """The quantized ONNX file against the fake-quant graph on ``loader``'s images; write parity.json."""
+    from fxq.evaluation import evaluate_model
+
+    session = OrtDetector(out / ONNX_QUANT, qgm.head)
+    diffs = {"pred_logits": 0.0, "pred_boxes": 0.0}
+    with torch.inference_mode():
+        for images, *_ in loader:
+            got, expected = session(images), qgm(images)
+            for key in diffs:
+                diffs[key] = max(diffs[key], float((got[key] - expected[key]).abs().max()))
+    start = time.perf_counter()
+    metrics = evaluate_model(session, loader, ds.coco, critical_ids=critical, progress=False)
+    record = {"run_id": run_id, "graph": "onnxruntime, quantized ONNX", "max_abs_diff": diffs,
+              "eval_seconds": round(time.perf_counter() - start, 1)}
+    write_eval(out, PARITY, record, metrics)
+    return {**record, "AP": metrics["AP"], "critical_AP": metrics["critical_mAP"] or 0.0}
+
+
+def latency_stage(out: Path, run_id: str, size: int, runs: int, threads: int | None) -> dict:
+    """Time the two ONNX files in interleaved rounds at batch 1; write latency.json."""
+    from fxq.bench.timing import time_onnx_interleaved
+
+    images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    paths = {"fp32": out / ONNX_FP32, "quantized": out / ONNX_QUANT}
+    timings = time_onnx_interleaved(paths, images, threads=threads, warmup=2, runs=runs, rounds=max(1, runs // 2))
+    rows = {name: timing.to_dict() for name, timing in timings.items()}
+    record = {"run_id": run_id, "threads": threads, "batch": 1, "size": [size, size], "rows": rows,
+              "speedup": round(rows["fp32"]["median_ms"] / rows["quantized"]["median_ms"], 3)}
+    write_json(out / LATENCY, record)
+    return record
