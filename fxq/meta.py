@@ -170,7 +170,7 @@ MODULE: Key[str] = declare(
 ROLE: Key[str] = declare(
     "fxq.role", str, "fxq.tracing",
     (_B + "node_map", _B + "runtime_lower", "fxq.costs", "fxq.roles", _P + "fold_bn",
-     _P + "distribution_alignment", _P + "insert_quant", _P + "policy", _P + "prepare_qat", _P + "remove_dropout",
+     _P + "distribution_alignment", _P + "insert_quant", _P + "policy", _P + "precision", _P + "remove_dropout",
      _P + "runtime_prep", _P + "tie_groups", _P + "training_graph", _P + "weights"),
     "what the node computes: a value of fxq.roles (conv, linear, attn_qk, quantize, ...)")
 SHAPE: Key[list | None] = declare(
@@ -189,7 +189,7 @@ WEIGHT: Key[str | None] = declare(
     "conv/linear nodes: qualified name of the weight parameter, name[start:stop] for a row slice")
 QSPEC: Key[QSpec] = declare(
     "fxq.qspec", "QSpec", _P + "policy",
-    (_B + "runtime_lower", _P + "allocate", _P + "insert_quant", _P + "prepare_qat",
+    (_B + "runtime_lower", _P + "allocate", _P + "insert_quant", _P + "precision", _P + "prepare_qat",
      _P + "quantize", _P + "report", _P + "runtime_prep", _P + "sensitivity"),
     "how the node is quantized (fxq.quant.QSpec); absent: the node stays float", saved=True)
 QUANTIZER: Key[QuantizerRecord] = declare(
