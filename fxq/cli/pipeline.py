@@ -195,7 +195,7 @@ def _deploy(args: argparse.Namespace, out: Path, run_id: str, fgm, qgm, runtime:
 
     val, val_ds, critical = data
     export = export_stage(out, run_id, fgm, qgm, args.size, runtime)
-    parity = parity_stage(out, run_id, qgm, val, val_ds, critical)
+    parity = parity_stage(out, run_id, qgm, val, val_ds, critical, args.threads)
     found = {"export": {k: export[k] for k in ("runtime", "fp32_bytes", "quant_bytes")},
              "parity": {k: parity[k] for k in ("max_abs_diff", "AP", "critical_AP")}}
     if args.latency_runs:

@@ -55,11 +55,11 @@ def export_stage(out: Path, run_id: str, fgm, qgm, size: int, runtime: str | Non
     return record
 
 
-def parity_stage(out: Path, run_id: str, qgm, loader, ds, critical) -> dict:
+def parity_stage(out: Path, run_id: str, qgm, loader, ds, critical, threads: int | None = None) -> dict:
     """The quantized ONNX file against the fake-quant graph on ``loader``'s images; write parity.json."""
     from fxq.evaluation import evaluate_model
 
-    session = OrtDetector(out / ONNX_QUANT, qgm.head)
+    session = OrtDetector(out / ONNX_QUANT, qgm.head, threads)
     diffs = {"pred_logits": 0.0, "pred_boxes": 0.0}
     with torch.inference_mode():
         for images, *_ in loader:
