@@ -124,25 +124,34 @@ def _run_qat(args: argparse.Namespace) -> int:
 
 def _lower(gm, example, args: argparse.Namespace, runtime: str | None, record: dict) -> None:
     """Lower ``gm`` (for ``runtime``, or plain QDQ), print the report and write ``--json`` with ``record``."""
-    from fxq.backends import lower_to_onnx
-    from fxq.backends.runtime_lower import lower_for_runtime
     from fxq.io import write_json
 
-    before = _stamps(args.out)
-    try:
-        if runtime:
-            report = lower_for_runtime(gm, example, args.out, runtime, opset=args.opset, dynamic=not args.static)
-        else:
-            report = lower_to_onnx(gm, example, args.out, opset=args.opset, dynamic=not args.static)
-        _check_outputs(args.out, example)
-    except BaseException:  # an error or Ctrl-C while writing: no half-written ONNX file stays behind
-        for path, stamp in _stamps(args.out).items():
-            if stamp != before.get(path):
-                path.unlink(missing_ok=True)
-        raise
+    report = lower_checked(gm, example, args.out, runtime, opset=args.opset, dynamic=not args.static)
     print(report)
     if args.json:
         write_json(args.json, {**record, **report.to_dict()})
+
+
+def lower_checked(gm, example, out: str | Path, runtime: str | None, *, opset: int = 21, dynamic: bool = True):
+    """The lowering report of ``gm`` written to ``out`` (for ``runtime``, or plain QDQ); InputError when the file's
+    outputs on ``example`` hold NaN/inf. On any error or Ctrl-C no half-written ONNX file stays behind."""
+    from fxq.backends import lower_to_onnx
+    from fxq.backends.runtime_lower import lower_for_runtime
+
+    out = str(out)
+    before = _stamps(out)
+    try:
+        if runtime:
+            report = lower_for_runtime(gm, example, out, runtime, opset=opset, dynamic=dynamic)
+        else:
+            report = lower_to_onnx(gm, example, out, opset=opset, dynamic=dynamic)
+        _check_outputs(out, example)
+    except BaseException:
+        for path, stamp in _stamps(out).items():
+            if stamp != before.get(path):
+                path.unlink(missing_ok=True)
+        raise
+    return report
 
 
 def _stamps(out: str) -> dict[Path, tuple[int, int]]:

@@ -1,7 +1,8 @@
 """The deployment stages of ``fxq pipeline``: runtime-aware ONNX export, ORT parity on the validation images, and
 the latency of the float and the quantized file on this machine.
 
-Artifacts (all written atomically into the run folder): ``model_fp32.onnx`` and ``model_quant.onnx``;
+Artifacts (JSON written atomically into the run folder; an ONNX file is removed if its export fails, is
+interrupted or gives NaN/inf outputs): ``model_fp32.onnx`` and ``model_quant.onnx``;
 ``export.json`` (the lowering report: quantized nodes, the kernel each runs on, file sizes); ``parity.json`` (the
 quantized ONNX file run by onnxruntime on the evaluation images against the fake-quant graph: the largest
 |Δ| of logits and boxes over the images, and the COCO metrics of onnxruntime's detections, so the AP the
@@ -22,32 +23,35 @@ from fxq.io import write_json
 
 
 class OrtDetector(nn.Module):
-    """An ONNX detector run by onnxruntime behind a module's call, for :func:`fxq.evaluation.evaluate_model`."""
+    """An ONNX detector run by onnxruntime behind a module's call, for :func:`fxq.evaluation.evaluate_model`;
+    each call also runs ``reference`` on the same images and keeps the largest |Δ| of every output in
+    ``max_abs_diff``."""
 
     takes_mask = False
 
-    def __init__(self, path: Path, head: str, threads: int | None = None) -> None:
+    def __init__(self, path: Path, reference: nn.Module, threads: int | None = None) -> None:
         super().__init__()
         from fxq.backends import OrtSession
 
-        self.session, self.head = OrtSession(path, threads=threads), head
+        self.session, self.head = OrtSession(path, threads=threads), reference.head
+        self.reference = [reference]  # a list: not a submodule, so evaluation's weight checks see ORT only
+        self.max_abs_diff = {"pred_logits": 0.0, "pred_boxes": 0.0}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.session.run(images)
+        got, expected = self.session.run(images), self.reference[0](images)
+        for key, largest in self.max_abs_diff.items():
+            self.max_abs_diff[key] = max(largest, float((got[key] - expected[key]).abs().max()))
+        return got
 
 
 def export_stage(out: Path, run_id: str, fgm, qgm, size: int, runtime: str | None) -> dict:
     """Lower the float and the quantized graph; write export.json; its record."""
-    from fxq.backends import lower_to_onnx
-    from fxq.backends.runtime_lower import lower_for_runtime
+    from fxq.cli.export import lower_checked
 
     example = torch.zeros(1, 3, size, size)
     start = time.perf_counter()
-    lower_to_onnx(fgm, example, out / ONNX_FP32, opset=17)
-    if runtime:
-        report = lower_for_runtime(qgm, example, out / ONNX_QUANT, runtime)
-    else:
-        report = lower_to_onnx(qgm, example, out / ONNX_QUANT)
+    lower_checked(fgm, example, out / ONNX_FP32, None, opset=17)
+    report = lower_checked(qgm, example, out / ONNX_QUANT, runtime)
     record = {"run_id": run_id, "runtime": runtime, "seconds": round(time.perf_counter() - start, 1),
               "fp32_bytes": (out / ONNX_FP32).stat().st_size, "quant_bytes": (out / ONNX_QUANT).stat().st_size,
               "report": report.to_dict()}
@@ -59,16 +63,10 @@ def parity_stage(out: Path, run_id: str, qgm, loader, ds, critical, threads: int
     """The quantized ONNX file against the fake-quant graph on ``loader``'s images; write parity.json."""
     from fxq.evaluation import evaluate_model
 
-    session = OrtDetector(out / ONNX_QUANT, qgm.head, threads)
-    diffs = {"pred_logits": 0.0, "pred_boxes": 0.0}
-    with torch.inference_mode():
-        for images, *_ in loader:
-            got, expected = session(images), qgm(images)
-            for key in diffs:
-                diffs[key] = max(diffs[key], float((got[key] - expected[key]).abs().max()))
+    session = OrtDetector(out / ONNX_QUANT, qgm, threads)
     start = time.perf_counter()
     metrics = evaluate_model(session, loader, ds.coco, critical_ids=critical, progress=False)
-    record = {"run_id": run_id, "graph": "onnxruntime, quantized ONNX", "max_abs_diff": diffs,
+    record = {"run_id": run_id, "graph": "onnxruntime, quantized ONNX", "max_abs_diff": session.max_abs_diff,
               "eval_seconds": round(time.perf_counter() - start, 1)}
     write_eval(out, PARITY, record, metrics)
     return {**record, "AP": metrics["AP"], "critical_AP": metrics["critical_mAP"] or 0.0}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import shlex
+from collections import Counter
 from typing import Any
 
 from fxq.cli.report_chart import category_ap_svg
@@ -94,11 +95,9 @@ def _deployment(run: dict) -> str:
     facts = [("ONNX file", f"{export['quant_bytes']:,} bytes quantized vs {export['fp32_bytes']:,} float "
                            f"({export['fp32_bytes'] / export['quant_bytes']:.2f}× smaller), prepared for "
                            f"{export['runtime'] or 'plain QDQ (no runtime)'}")]
-    report = export["report"]
-    if isinstance(report, dict) and report.get("nodes"):
-        kinds: dict[str, int] = {}
-        for node in report["nodes"]:
-            kinds[str(node.get("executed"))] = kinds.get(str(node.get("executed")), 0) + 1
+    nodes = _lowered_nodes(export)
+    if nodes:
+        kinds = Counter(str(node.get("executed")) for node in nodes)
         facts.append(("quantized nodes run as", ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))))
     if parity is not None:
         diff = parity["max_abs_diff"]
@@ -118,7 +117,7 @@ def _deployment(run: dict) -> str:
 
 def _layers(export: dict | None) -> str:
     """The quantized nodes in graph order: requested precision, weight storage, how and on which kernel they run."""
-    nodes = (export or {}).get("report", {}).get("nodes") if isinstance((export or {}).get("report"), dict) else None
+    nodes = _lowered_nodes(export)
     if not nodes:
         return "<p id=\"layers\">No per-node lowering report in this run (plain QDQ export, or no export).</p>"
     cols = ("node", "role", "requested", "weight_storage", "executed", "kernel")
@@ -126,6 +125,12 @@ def _layers(export: dict | None) -> str:
     rows = "\n".join("<tr>" + "".join(f"<td>{_e(n.get(c) or '')}</td>" for c in cols) + "</tr>" for n in nodes)
     return (f"<details><summary>{len(nodes)} quantized nodes, in graph order</summary>"
             f"<table id=\"layers\"><tr>{head}</tr>\n{rows}</table></details>")
+
+
+def _lowered_nodes(export: dict | None) -> list[dict]:
+    """The per-node rows of a runtime-aware lowering report (none for a plain QDQ export or no export)."""
+    report = (export or {}).get("report")
+    return report.get("nodes") or [] if isinstance(report, dict) else []
 
 
 def _figure(fp32: dict, quant: dict) -> str:
