@@ -25,6 +25,7 @@ DEFAULT_OVERRIDES: dict[str, str | None] = {
     "transformer.decoder.class_embed*": None,
     "transformer.decoder.bbox_embed*": None,
     "transformer.reference_points": None,
+    "transformer.enc_output": None,  # two-stage: it scores the proposals, so it decides which queries exist
     "*.sampling_offsets": None,
     "backbone.0.body.conv1": "W8A8",
 }

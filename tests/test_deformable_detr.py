@@ -11,6 +11,7 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from fxq.errors import InputError
 from fxq.models.deformable_detr import DeformableDETR
 from fxq.models.ms_deform_attn import MSDeformAttn, direction_grid, ms_deform_attn_core
 
@@ -60,11 +61,12 @@ def _max_diff(a: dict, b: dict) -> float:
 # ---------------------------------------------------------------- official layout
 
 
-@pytest.mark.parametrize(("refine", "name"), [(False, "deformable_detr_r50"),
-                                              (True, "deformable_detr_r50_box_refine")])
-def test_state_dict_matches_official(refine: bool, name: str) -> None:
+@pytest.mark.parametrize(("refine", "two_stage", "name"), [(False, False, "deformable_detr_r50"),
+                                                           (True, False, "deformable_detr_r50_box_refine"),
+                                                           (True, True, "deformable_detr_r50_two_stage")])
+def test_state_dict_matches_official(refine: bool, two_stage: bool, name: str) -> None:
     reference = json.loads((REFERENCE / f"{name}.state_dict.json").read_text())
-    model = DeformableDETR(with_box_refine=refine)
+    model = DeformableDETR(with_box_refine=refine, two_stage=two_stage)
     assert _layout(model) == reference["keys"]
     assert sum(p.numel() for p in model.parameters()) == reference["num_parameters"]
     model.load_state_dict(model.state_dict(), strict=True)  # repeated keys of the shared heads load too
@@ -195,6 +197,87 @@ def test_traced_graph_with_mask_matches_eager_on_padded_batches() -> None:
             eager = model(images, mask)
             assert _max_diff(graph(images, mask), eager) <= 1e-5
             assert _max_diff(model(images), eager) > 1e-3  # the mask does change the result
+
+
+def test_two_stage_traced_graph_matches_eager() -> None:
+    """Without a mask at other sizes (the proposal grid follows the input), and with a mask on padded batches."""
+    model = _tiny(with_box_refine=True, two_stage=True)
+    graph = torch.fx.symbolic_trace(model, concrete_args={"mask": None})
+    assert any(n.target is torch.topk for n in graph.graph.nodes)
+    masked_graph = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        for shape in ((2, 3, 160, 160), (1, 3, 192, 256)):
+            images = torch.randn(shape)
+            out = model(images)
+            assert out["enc_outputs"]["pred_boxes"].shape[1] == sum(
+                math.ceil(shape[2] / s) * math.ceil(shape[3] / s) for s in (8, 16, 32))
+            assert _max_diff(graph(images), out) <= 1e-5
+        images, mask = _padded_batch(2, 192, 256)
+        eager = model(images, mask)
+        assert _max_diff(masked_graph(images, mask), eager) <= 1e-5
+        assert _max_diff(model(images), eager) > 1e-3
+
+
+def test_two_stage_proposals() -> None:
+    """Official proposals: cell centres, size 0.05·2^level, +inf outside (0.01, 0.99) and at padding."""
+    from fxq.models.deformable_transformer import encoder_proposals
+
+    logits, usable = encoder_proposals([(4, 6), (2, 3)], None, torch.device("cpu"))
+    boxes = logits.sigmoid()
+    assert logits.shape == (1, 24 + 6, 4) and usable.shape == (1, 30, 1)
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([0.5 / 6, 0.5 / 4, 0.05, 0.05]))
+    torch.testing.assert_close(boxes[0, 24 + 5], torch.tensor([2.5 / 3, 1.5 / 2, 0.1, 0.1]))
+    assert usable.all() and torch.isfinite(logits).all()
+    mask = torch.zeros(1, 4, 6, dtype=torch.bool)
+    mask[:, :, 3:] = True  # the right half is padding: centres are normalised by the valid width 3
+    logits, usable = encoder_proposals([(4, 6)], [mask], torch.device("cpu"))
+    assert usable[0, :, 0].tolist() == (~mask).flatten().tolist()
+    torch.testing.assert_close(logits[0, 1].sigmoid(), torch.tensor([1.5 / 3, 0.5 / 4, 0.05, 0.05]))
+    assert torch.isinf(logits[0, 3]).all()
+    far = encoder_proposals([(2, 2)] * 6, None, torch.device("cpu"))[1]
+    assert far[0, :20].all() and not far[0, 20:].any()  # size 0.05·2^5 = 1.6 ≥ 0.99 at the sixth level
+
+
+def test_two_stage_heads_and_gradients() -> None:
+    """One more head (the encoder's, shared with the decoder as in the official code); every parameter learns
+    once the encoder's proposals enter the loss, and the decoder's references are detached from them."""
+    model = _tiny(with_box_refine=True, two_stage=True).train()
+    assert len(model.class_embed) == 3 and model.transformer.decoder.class_embed is model.class_embed
+    assert not hasattr(model, "query_embed") and not hasattr(model.transformer, "reference_points")
+    out = model(*_padded_batch(2, 160, 160))
+    assert out["pred_boxes"].shape == (2, 50, 4) and out["enc_outputs"]["pred_logits"].shape[-1] == 21
+    loss = sum(o["pred_logits"].sum() + o["pred_boxes"].sum() for o in [out, out["enc_outputs"], *out["aux_outputs"]])
+    loss.backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()] == []
+    model.zero_grad()
+    model(torch.randn(1, 3, 128, 128))["pred_boxes"].sum().backward()
+    assert all(p.grad is None for p in model.transformer.enc_output.parameters())
+
+
+def test_two_stage_refuses_what_it_cannot_build() -> None:
+    with pytest.raises(ValueError, match="two_stage=True needs with_box_refine=True"):
+        DeformableDETR(**TINY, two_stage=True)
+    model = _tiny(with_box_refine=True, two_stage=True)
+    with pytest.raises(InputError, match="keeps 50 proposals but the image gives only 21 encoder tokens"):
+        model(torch.randn(1, 3, 32, 32))
+
+
+def test_two_stage_official_checkpoint_loads(tmp_path) -> None:
+    """An official-layout release file (``{"model": state_dict}``, no ``query_embed``) loads strictly into the
+    zoo's two-stage model, and the official R50 layout is recognised as it."""
+    import fxq
+    from fxq.models.checkpoint import guess_model
+
+    model = _tiny(with_box_refine=True, two_stage=True)
+    torch.save({"model": model.state_dict()}, tmp_path / "checkpoint.pth")
+    loaded = fxq.models.build("deformable_detr_r50_two_stage", checkpoint=tmp_path / "checkpoint.pth",
+                              **TINY)
+    images = torch.randn(1, 3, 128, 160)
+    with torch.no_grad():
+        assert _max_diff(loaded(images), model(images)) == 0
+    with torch.device("meta"):
+        official = DeformableDETR(with_box_refine=True, two_stage=True).state_dict()
+    assert guess_model(official) == "deformable_detr_r50_two_stage"
 
 
 def test_no_mask_equals_all_false_mask() -> None:

@@ -64,7 +64,11 @@ def _save(hf_model: torch.nn.Module, folder, image: torch.Tensor, seed: int) -> 
     hf_model.eval().save_pretrained(folder)
     with torch.no_grad():
         out = hf_model(pixel_values=image)
-    return {"pred_logits": out.logits, "pred_boxes": out.pred_boxes}
+    reference = {"pred_logits": out.logits, "pred_boxes": out.pred_boxes}
+    if getattr(out, "enc_outputs_class", None) is not None:  # two-stage: the encoder's proposals
+        reference["enc_outputs"] = {"pred_logits": out.enc_outputs_class,
+                                    "pred_boxes": out.enc_outputs_coord_logits.sigmoid()}
+    return reference
 
 
 def _resnet(**kwargs) -> transformers.ResNetConfig:
@@ -108,12 +112,53 @@ def small_deformable(tmp_path_factory, image):
     return folder, _save(model, folder, image, 3), model
 
 
-def _assert_close(model: torch.nn.Module, image: torch.Tensor, reference: dict) -> None:
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory, image):
+    """Full-size two-stage Deformable DETR-R50 (with box refinement, as Transformers requires), 300 proposals,
+    91 labels: (folder, its outputs)."""
+    torch.manual_seed(0)
+    config = transformers.DeformableDetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, id2label=LABELS, with_box_refine=True,
+        two_stage=True, backbone_config=_resnet(out_features=["stage2", "stage3", "stage4"]))
+    folder = tmp_path_factory.mktemp("hf") / "two_stage"
+    return folder, _save(transformers.DeformableDetrForObjectDetection(config), folder, image, 5)
+
+
+@pytest.fixture(scope="module")
+def small_two_stage(tmp_path_factory, image):
+    """A reduced two-stage Deformable DETR (as ``small_deformable``, with box refinement and 15 proposals;
+    ``num_queries`` 20, which two-stage ignores): (folder, its outputs, the Transformers model)."""
+    torch.manual_seed(0)
+    backbone = _resnet(layer_type="basic", depths=[2, 2, 2, 2], embedding_size=16, hidden_sizes=[16, 32, 64, 128],
+                       out_features=["stage3", "stage4"])
+    config = transformers.DeformableDetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, id2label=LABELS, backbone_config=backbone,
+        d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        encoder_attention_heads=4, decoder_attention_heads=4, num_queries=20, num_feature_levels=2,
+        with_box_refine=True, two_stage=True, two_stage_num_proposals=15)
+    folder = tmp_path_factory.mktemp("hf") / "small_two_stage"
+    model = transformers.DeformableDetrForObjectDetection(config)
+    return folder, _save(model, folder, image, 4), model
+
+
+def _max_diff(model: torch.nn.Module, image: torch.Tensor, reference: dict) -> dict[str, float]:
+    """max |Δ| per output (the encoder's proposals too, when the reference has them)."""
     with torch.no_grad():
         out = model(image)
-    for key in ("pred_logits", "pred_boxes"):
-        assert out[key].shape == reference[key].shape
-        assert (out[key] - reference[key]).abs().max() <= TOLERANCE, key
+    pairs = [(key, out[key], reference[key]) for key in ("pred_logits", "pred_boxes")]
+    if "enc_outputs" in reference:
+        pairs += [(f"enc_{key}", out["enc_outputs"][key], reference["enc_outputs"][key])
+                  for key in ("pred_logits", "pred_boxes")]
+    diffs = {}
+    for key, mine, theirs in pairs:
+        assert mine.shape == theirs.shape, key
+        diffs[key] = (mine - theirs).abs().max().item()
+    return diffs
+
+
+def _assert_close(model: torch.nn.Module, image: torch.Tensor, reference: dict) -> None:
+    for key, diff in _max_diff(model, image, reference).items():
+        assert diff <= TOLERANCE, key
 
 
 def test_hub_is_forced_offline():
@@ -144,6 +189,47 @@ def test_reduced_config_sets_the_model(small_deformable, image):
     assert (model.num_feature_levels, model.num_queries, model.with_box_refine) == (2, 20, False)
     assert model.transformer.d_model == 64 and len(model.transformer.decoder.layers) == 2
     _assert_close(model, image, reference)
+
+
+def test_two_stage_matches_transformers(two_stage, image):
+    """Encoder proposals, top-300 selection, proposal queries and the decoder's boxes and logits as Transformers
+    computes them; the zoo's two-stage model takes the checkpoint as is."""
+    folder, reference = two_stage
+    model = fxq.models.build("deformable_detr_r50_two_stage", checkpoint=folder)
+    assert model.two_stage and model.with_box_refine and model.num_queries == 300
+    assert not hasattr(model, "query_embed") and len(model.class_embed) == 7 and "enc_outputs" in reference
+    _assert_close(model, image, reference)
+
+
+def test_reduced_two_stage_takes_the_proposal_count(small_two_stage, image):
+    folder, reference, _ = small_two_stage
+    model = build_transformers(folder)
+    assert (model.two_stage, model.num_queries, model.transformer.two_stage_num_proposals) == (True, 15, 15)
+    _assert_close(model, image, reference)
+
+
+def test_two_stage_untied_copies_are_refused(small_two_stage, tmp_path):
+    """fxq shares each head with its decoder copy (official layout); a file whose copies differ is refused."""
+    folder = _copy(small_two_stage[0], tmp_path)
+    state = safetensors_torch.load_file(folder / "model.safetensors")
+    assert "class_embed.1.weight" not in state  # tied to model.decoder.class_embed.1 and stored once
+    state["class_embed.1.weight"] = state["model.decoder.class_embed.1.weight"] + 1
+    state["class_embed.1.bias"] = state["model.decoder.class_embed.1.bias"].clone()
+    safetensors_torch.save_file(state, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model.decoder.class_embed.1.weight and class_embed.1.weight differ"):
+        build_transformers(folder)
+
+
+def test_two_stage_config_disagreeing_with_weights(small_two_stage, small_deformable, tmp_path):
+    folder = _copy(small_two_stage[0], tmp_path)
+    _edit_config(folder, two_stage=False)
+    with pytest.raises(CheckpointError, match="two_stage = False but the weights hold the two-stage modules"):
+        build_transformers(folder)
+    single = tmp_path / "single"
+    shutil.copytree(small_deformable[0], single)
+    _edit_config(single, two_stage=True, with_box_refine=True)
+    with pytest.raises(CheckpointError, match="two_stage = True but the weights lack the two-stage modules"):
+        build_transformers(single)
 
 
 def test_transformers5_in_memory_names_load(small_deformable, image, tmp_path):
@@ -240,8 +326,8 @@ def test_config_disagreeing_with_weights_names_the_field(small_deformable, tmp_p
 
 def test_unsupported_settings_are_named(small_deformable, tmp_path):
     folder = _copy(small_deformable[0], tmp_path)
-    _edit_config(folder, two_stage=True)
-    with pytest.raises(CheckpointError, match="two_stage"):
+    _edit_config(folder, two_stage=True)  # Transformers' config refuses this too
+    with pytest.raises(CheckpointError, match="with_box_refine = False .*two_stage = true needs with_box_refine"):
         build_transformers(folder)
     _edit_config(folder, two_stage=False, encoder_attention_heads=8)
     with pytest.raises(CheckpointError, match="encoder_attention_heads = 8 but decoder_attention_heads = 4"):
@@ -303,10 +389,42 @@ def test_trace_quantize_export(small_deformable, image, tmp_path):
     assert (ort["pred_boxes"] - fake["pred_boxes"]).abs().max() < 1e-3
 
 
+def _set_distance(a: dict, b: dict, key: str = "pred_boxes") -> float:
+    """max |Δ| between two sets of detections, each matched to its nearest in the other (queries of two-stage
+    come in top-k order, which near-equal proposal scores may swap)."""
+    d = (a[key][0][:, None] - b[key][0][None]).abs().amax(-1)
+    return max(d.min(1).values.max().item(), d.min(0).values.max().item())
+
+
+def test_two_stage_trace_quantize_export(small_two_stage, image, tmp_path):
+    """Top-k and gather trace, quantize and lower like any node. The proposal scorer ``transformer.enc_output``
+    stays float here (as the class/box heads and the sampling geometry do by default): with it at 8 bits the
+    rounding decides which proposals survive the top-k, and fake-quant vs onnxruntime is no longer comparable."""
+    from fxq.backends import OrtSession, lower_to_onnx
+    from fxq.passes.policy import DEFAULT_OVERRIDES
+    from fxq.ptq import float_graph, quantize_ptq
+
+    model = build_transformers(small_two_stage[0], aux_loss=False)
+    float_gm = float_graph(model, tuple(image.shape[-2:]))
+    assert any(n.target is torch.topk for n in float_gm.graph.nodes)
+    with torch.no_grad():
+        reference, traced = model(image), float_gm(image)
+    for key in ("pred_logits", "pred_boxes"):
+        assert (traced[key] - reference[key]).abs().max() <= TOLERANCE
+    overrides = {**DEFAULT_OVERRIDES, "transformer.enc_output": None}
+    gm = quantize_ptq(float_gm, [image], "W8A8", "minmax", overrides=overrides, progress=False)
+    with torch.no_grad():
+        fake = gm(image)
+    assert _set_distance(fake, reference) < 0.05
+    lower_to_onnx(gm, image, tmp_path / "m.onnx")
+    ort = OrtSession(tmp_path / "m.onnx", threads=1, optimization="disable").run(image)
+    assert _set_distance(ort, fake) < 1e-3
+
+
 # ----------------------------------------------------------------------------------- fxq -> Transformers
 
 
-@pytest.mark.parametrize("name", ["deformable_detr_tiny", "detr_small"])
+@pytest.mark.parametrize("name", ["deformable_detr_tiny", "detr_small", "two_stage_small"])
 def test_save_transformers_loads_in_transformers(name, image, tmp_path):
     """fxq weights written as a Transformers folder: ``from_pretrained`` computes fxq's outputs, and fxq reads
     the folder back."""
@@ -315,12 +433,18 @@ def test_save_transformers_loads_in_transformers(name, image, tmp_path):
     if name == "detr_small":
         model = fxq.models.build("detr_r50", seed=0, backbone_name="resnet18", base_width=16, hidden_dim=64,
                                  nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=128, num_queries=10)
+    elif name == "two_stage_small":
+        model = fxq.models.build("deformable_detr_r50_two_stage", seed=0, backbone_name="resnet18", base_width=16,
+                                 hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=128,
+                                 num_queries=15, num_feature_levels=2)
+        _perturb(model, 6)  # off the zero-initialised box heads
     else:
         model = fxq.models.build(name)  # the embedded, trained weights
     names = {i: f"name {i}" for i in range(model.num_classes)}
     save_transformers(model, tmp_path / "hf", names)
     hf_model = transformers.AutoModelForObjectDetection.from_pretrained(tmp_path / "hf").eval()
     assert hf_model.config.id2label == names
+    assert getattr(hf_model.config, "two_stage", False) == (name == "two_stage_small")
     with torch.no_grad():
         out = hf_model(pixel_values=image)
     _assert_close(model, image, {"pred_logits": out.logits, "pred_boxes": out.pred_boxes})

@@ -7,17 +7,29 @@ tensor that is iterated, so a traced graph stays valid at other input sizes.
 Without padding masks (``masks=None``) no masking op is emitted and every valid ratio is 1: reference points are
 not rescaled (the official code multiplies them by 1.0, which changes nothing).
 
+Two-stage (``two_stage=True``, official ``--two_stage``): every encoder token becomes a box proposal (its cell
+centre, width and height 0.05·2^level, in logit space; proposals outside (0.01, 0.99) and padded tokens are
++inf and their memory is zeroed) scored and refined by the encoder's class and box heads (the last of the
+detector's ``num_decoder_layers + 1`` heads, which the detector assigns to ``decoder.class_embed`` /
+``decoder.bbox_embed``); the top ``two_stage_num_proposals`` by the first class logit, detached, are the decoder's
+reference boxes, and their sine embedding through ``pos_trans`` + ``pos_trans_norm`` gives the query position and
+content. Top-k and gather trace as ordinary FX nodes.
+
 Deviations from the official code that do not change results: the decoder returns per-layer lists instead of
 stacked tensors; every layer is built (and initialised) on its own instead of deep-copied from one prototype;
-two-stage is not implemented.
+the proposals' sine embedding uses d_model/2 frequencies per coordinate (as Transformers; the official code
+fixes 128, which is d_model/2 for its only working width, 256).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxq.errors import InputError
 from fxq.models.attention import MultiheadAttention
 from fxq.models.ms_deform_attn import MSDeformAttn, SpatialShapes
 
@@ -64,6 +76,45 @@ def decoder_reference_input(reference_points: torch.Tensor, valid_ratios: torch.
         return reference_points[:, :, None]
     ratios = torch.cat((valid_ratios, valid_ratios), -1) if box_reference else valid_ratios
     return reference_points[:, :, None] * ratios[:, None]
+
+
+def encoder_proposals(spatial_shapes: SpatialShapes, masks: list[torch.Tensor] | None, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-stage proposals: one box per encoder token in logit space [B, S, 4] (+inf where unusable) and whether
+    it is usable [B, S, 1] (centre and size inside (0.01, 0.99), not padding).
+
+    The box is the cell centre normalised by the valid (unpadded) size, width and height 0.05·2^level. ``masks``:
+    one [B, H_l, W_l] per level (True at padding), or None for unpadded images (then B is 1, broadcasting).
+    """
+    proposals = []
+    for level, (h, w) in enumerate(spatial_shapes):
+        grid_y, grid_x = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=device),
+                                        torch.linspace(0, w - 1, w, dtype=torch.float32, device=device),
+                                        indexing="ij")
+        grid_x, grid_y = (grid_x + 0.5)[None], (grid_y + 0.5)[None]
+        if masks is None:
+            grid = torch.stack((grid_x / w, grid_y / h), -1)
+        else:
+            valid_h = torch.sum(~masks[level][:, :, 0], 1)
+            valid_w = torch.sum(~masks[level][:, 0, :], 1)
+            grid = torch.stack((grid_x / valid_w[:, None, None], grid_y / valid_h[:, None, None]), -1)
+        size = torch.full_like(grid, 0.05 * 2.0 ** level)
+        proposals.append(torch.cat((grid, size), -1).flatten(1, 2))
+    boxes = torch.cat(proposals, 1)
+    usable = ((boxes > 0.01) & (boxes < 0.99)).all(-1, keepdim=True)
+    if masks is not None:
+        usable = usable & ~torch.cat([mask.flatten(1) for mask in masks], 1)[..., None]
+    logits = torch.log(boxes / (1 - boxes)).masked_fill(~usable, float("inf"))
+    return logits, usable
+
+
+def proposal_pos_embed(box_logits: torch.Tensor, num_feats: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Sine embedding [B, Q, 4·num_feats] of boxes given as logits [B, Q, 4]: per coordinate (sigmoid · 2π),
+    ``num_feats`` frequencies, sine and cosine interleaved (official ``get_proposal_pos_embed``)."""
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=box_logits.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+    pos = (box_logits.sigmoid() * (2 * math.pi))[..., None] / dim_t
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
 
 
 class DeformableTransformerEncoderLayer(nn.Module):
@@ -142,20 +193,24 @@ class DeformableTransformerDecoderLayer(nn.Module):
 
 class DeformableTransformerDecoder(nn.Module):
     """A stack of decoder layers; with ``bbox_embed`` set (iterative box refinement, assigned by the detector as in
-    the official code) each layer refines the reference boxes, which are detached before the next layer."""
+    the official code) each layer refines the reference boxes, which are detached before the next layer.
+    ``class_embed`` is set (by the detector) only for two-stage, whose encoder head is its last entry."""
 
     def __init__(self, layers: list[DeformableTransformerDecoderLayer]) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.num_layers = len(layers)
         self.bbox_embed: nn.ModuleList | None = None
+        self.class_embed: nn.ModuleList | None = None
 
     def forward(self, tgt: torch.Tensor, reference_points: torch.Tensor, memory: torch.Tensor,
                 spatial_shapes: SpatialShapes, valid_ratios: torch.Tensor | None, query_pos: torch.Tensor,
-                padding_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                padding_mask: torch.Tensor | None = None, box_reference: bool = False
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per layer: output queries [B, Q, d_model] and the reference after that layer ([B, Q, 2], or [B, Q, 4]
-        boxes once refined)."""
-        output, box_reference = tgt, False
+        boxes once refined). ``box_reference``: the initial ``reference_points`` are boxes [B, Q, 4] (two-stage)
+        rather than points [B, Q, 2]."""
+        output = tgt
         outputs, references = [], []
         for lid, layer in enumerate(self.layers):
             reference_input = decoder_reference_input(reference_points, valid_ratios, box_reference)
@@ -183,13 +238,16 @@ def add_reference_logits(delta: torch.Tensor, reference_logits: torch.Tensor, bo
 
 
 class DeformableTransformer(nn.Module):
-    """Multi-scale encoder over flattened feature levels and a decoder of learned queries (single-stage)."""
+    """Multi-scale encoder over flattened feature levels and a decoder of learned queries (single-stage) or of the
+    encoder's top-scoring proposals (``two_stage``: ``two_stage_num_proposals`` queries)."""
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
                  dim_feedforward: int = 1024, dropout: float = 0.1, num_feature_levels: int = 4,
-                 dec_n_points: int = 4, enc_n_points: int = 4) -> None:
+                 dec_n_points: int = 4, enc_n_points: int = 4, two_stage: bool = False,
+                 two_stage_num_proposals: int = 300) -> None:
         super().__init__()
         self.d_model, self.nhead, self.num_feature_levels = d_model, nhead, num_feature_levels
+        self.two_stage, self.two_stage_num_proposals = two_stage, two_stage_num_proposals
         self.encoder = DeformableTransformerEncoder([
             DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead,
                                               enc_n_points) for _ in range(num_encoder_layers)])
@@ -197,7 +255,13 @@ class DeformableTransformer(nn.Module):
             DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead,
                                               dec_n_points) for _ in range(num_decoder_layers)])
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
-        self.reference_points = nn.Linear(d_model, 2)
+        if two_stage:
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+            self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
+            self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+        else:
+            self.reference_points = nn.Linear(d_model, 2)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -209,16 +273,22 @@ class DeformableTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
-        nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
-        nn.init.zeros_(self.reference_points.bias)
+        if not self.two_stage:
+            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+            nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)
 
     def forward(self, srcs: list[torch.Tensor], masks: list[torch.Tensor] | None, pos_embeds: list[torch.Tensor],
-                query_embed: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
-        """Decoder outputs per layer, the initial reference points [B, Q, 2] and the reference after each layer.
+                query_embed: torch.Tensor | None = None
+                ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor],
+                           tuple[torch.Tensor, torch.Tensor] | None]:
+        """Decoder outputs per layer, the initial reference ([B, Q, 2] points, or [B, Q, 4] boxes for two-stage),
+        the reference after each layer, and for two-stage the encoder's proposal logits [B, S, num_classes] and
+        box logits [B, S, 4] (None for single-stage).
 
         ``srcs``/``pos_embeds``: one [B, d_model, H_l, W_l] per level; ``masks``: one [B, H_l, W_l] per level
-        (True at padding) or None for unpadded images; ``query_embed`` [Q, 2·d_model] (position ‖ content).
+        (True at padding) or None for unpadded images; ``query_embed`` [Q, 2·d_model] (position ‖ content),
+        single-stage only.
         """
         spatial_shapes = [(src.shape[2], src.shape[3]) for src in srcs]
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
@@ -230,13 +300,45 @@ class DeformableTransformer(nn.Module):
             valid_ratios = torch.stack([valid_ratio(mask) for mask in masks], 1)
         memory = self.encoder(src_flatten, spatial_shapes, valid_ratios, pos_flatten, mask_flatten)
 
-        batch = memory.shape[0]
+        proposals = None
+        if self.two_stage:
+            query_pos, tgt, reference_points, proposals = self.proposal_queries(memory, spatial_shapes, masks)
+        else:
+            if query_embed is None:
+                raise ValueError("a single-stage DeformableTransformer needs query_embed [Q, 2·d_model]")
+            query_pos, tgt, reference_points = self.learned_queries(query_embed, memory.shape[0])
+        outputs, references = self.decoder(tgt, reference_points, memory, spatial_shapes, valid_ratios, query_pos,
+                                           mask_flatten, self.two_stage)
+        return outputs, reference_points, references, proposals
+
+    def learned_queries(self, query_embed: torch.Tensor, batch: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Single-stage: query position, content [B, Q, d_model] and reference points [B, Q, 2] from the learned
+        ``query_embed`` [Q, 2·d_model]."""
         query_pos, tgt = torch.split(query_embed, self.d_model, dim=1)
         # repeat, not expand: under no_grad a view of a parameter passed to a submodule breaks module hooks
         # (FlopCounterMode's module tracker); the copy is a few hundred kB.
         query_pos = query_pos.unsqueeze(0).repeat(batch, 1, 1)
         tgt = tgt.unsqueeze(0).repeat(batch, 1, 1)
-        reference_points = self.reference_points(query_pos).sigmoid()
-        outputs, references = self.decoder(tgt, reference_points, memory, spatial_shapes, valid_ratios, query_pos,
-                                           mask_flatten)
-        return outputs, reference_points, references
+        return query_pos, tgt, self.reference_points(query_pos).sigmoid()
+
+    def proposal_queries(self, memory: torch.Tensor, spatial_shapes: SpatialShapes,
+                         masks: list[torch.Tensor] | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Two-stage: query position, content [B, K, d_model] and reference boxes [B, K, 4] of the K =
+        ``two_stage_num_proposals`` encoder proposals with the highest first-class logit, and the encoder's
+        (class logits [B, S, C], box logits [B, S, 4]) over all S tokens."""
+        tokens, k = memory.shape[1], self.two_stage_num_proposals
+        if isinstance(tokens, int) and tokens < k:
+            raise InputError(f"two-stage Deformable DETR keeps {k} proposals but the image gives only {tokens} "
+                             "encoder tokens: use larger images or fewer queries (num_queries)")
+        proposal_logits, usable = encoder_proposals(spatial_shapes, masks, memory.device)
+        output_memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~usable, 0.0)))
+        head = self.decoder.num_layers
+        enc_class = self.decoder.class_embed[head](output_memory)
+        enc_boxes = self.decoder.bbox_embed[head](output_memory) + proposal_logits
+        top = torch.topk(enc_class[..., 0], k, dim=1)[1]
+        box_logits = torch.gather(enc_boxes, 1, top.unsqueeze(-1).repeat(1, 1, 4)).detach()
+        pos_trans_out = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(box_logits, self.d_model // 2)))
+        query_pos, tgt = torch.split(pos_trans_out, self.d_model, dim=2)
+        return query_pos, tgt, box_logits.sigmoid(), (enc_class, enc_boxes)

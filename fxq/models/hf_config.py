@@ -1,6 +1,6 @@
 """Hugging Face Transformers ``config.json`` of DETR and Deformable DETR in fxq terms: the architecture, the fxq
-family and its constructor keywords (classes, queries, layers, widths, backbone, box refinement); settings fxq
-cannot build are refused by name (CheckpointError)."""
+family and its constructor keywords (classes, queries, layers, widths, backbone, box refinement, two-stage);
+settings fxq cannot build are refused by name (CheckpointError)."""
 
 from __future__ import annotations
 
@@ -53,14 +53,23 @@ def config_kwargs(config: Mapping[str, Any], source: str = CONFIG_FILE) -> tuple
     if family == "detr":
         kwargs["head"] = "softmax"
     else:
-        if config.get("two_stage", False):
-            raise _unsupported(source, "two_stage", True, "fxq's Deformable DETR is single-stage; use a "
-                               "checkpoint trained without two-stage")
         kwargs.update(num_feature_levels=config.get("num_feature_levels", 4),
                       enc_n_points=config.get("encoder_n_points", 4), dec_n_points=config.get("decoder_n_points", 4),
                       with_box_refine=bool(config.get("with_box_refine", False)))
+        kwargs.update(_two_stage_kwargs(config, source, kwargs["with_box_refine"]))
     kwargs.update(backbone_kwargs(config, family, kwargs.get("num_feature_levels", 1), source))
     return architecture, family, kwargs
+
+
+def _two_stage_kwargs(config: Mapping[str, Any], source: str, with_box_refine: bool) -> dict[str, Any]:
+    """``two_stage`` and, for two-stage, its query count (``two_stage_num_proposals``; Transformers ignores
+    ``num_queries`` then)."""
+    if not config.get("two_stage", False):
+        return {"two_stage": False}
+    if not with_box_refine:
+        raise _unsupported(source, "with_box_refine", False, "two_stage = true needs with_box_refine = true, "
+                           "as in Transformers and the official code")
+    return {"two_stage": True, "num_queries": config.get("two_stage_num_proposals", 300)}
 
 
 def _same(config: Mapping[str, Any], source: str, first: str, second: str, default: int) -> None:

@@ -23,6 +23,7 @@ from fxq.models.hf_layout import (
     _ENCODER_DETR,
     _FXQ_BODY,
     _HF_BACKBONE,
+    _TWO_STAGE_MODULES,
     WEIGHT_FILES,
 )
 
@@ -64,7 +65,9 @@ def transformers_key(name: str, family: str) -> str:
               "transformer.decoder.norm.": "model.decoder.layernorm."} if family == "detr" else
              {"input_proj.": "model.input_proj.", "query_embed.": "model.query_position_embeddings.",
               "transformer.reference_points.": "model.reference_points.", "class_embed.": "class_embed.",
-              "bbox_embed.": "bbox_embed.", "transformer.decoder.bbox_embed.": "model.decoder.bbox_embed."})
+              "bbox_embed.": "bbox_embed.", "transformer.decoder.bbox_embed.": "model.decoder.bbox_embed.",
+              "transformer.decoder.class_embed.": "model.decoder.class_embed.",
+              **{f"transformer.{m}.": f"model.{m}." for m in _TWO_STAGE_MODULES}})
     for fxq, hf in sorted(heads.items(), key=lambda item: -len(item[0])):
         if name.startswith(fxq):
             return hf + name[len(fxq):]
@@ -72,7 +75,7 @@ def transformers_key(name: str, family: str) -> str:
 
 
 def transformers_config(model: nn.Module, category_names: Mapping[int, str] | None = None) -> dict[str, Any]:
-    """The Transformers config.json of an fxq DETR (softmax head) or Deformable DETR (single-stage)."""
+    """The Transformers config.json of an fxq DETR (softmax head) or Deformable DETR (single- or two-stage)."""
     from fxq.models.deformable_detr import DeformableDETR
     from fxq.models.detr import DETR
 
@@ -107,10 +110,13 @@ def transformers_config(model: nn.Module, category_names: Mapping[int, str] | No
             "out_features": [n.replace("layer", "stage") for n in body.return_layers]},
     }
     if deformable:
+        two_stage = bool(getattr(model, "two_stage", False))
         config.update(num_feature_levels=model.num_feature_levels, with_box_refine=model.with_box_refine,
-                      two_stage=False, tie_word_embeddings=not model.with_box_refine,
+                      two_stage=two_stage, tie_word_embeddings=not model.with_box_refine,
                       encoder_n_points=layer.self_attn.n_points,
                       decoder_n_points=transformer.decoder.layers[0].cross_attn.n_points)
+        if two_stage:  # Transformers decodes two_stage_num_proposals queries and ignores num_queries
+            config["two_stage_num_proposals"] = model.num_queries
     return config
 
 

@@ -4,11 +4,13 @@
 ``config.json`` beside it.
 
 ``config.json`` decides the fxq configuration (:mod:`fxq.models.hf_config`: classes, queries, layers, widths,
-backbone, box refinement) and
+backbone, box refinement, two-stage) and
 the weights are renamed to fxq's official layout: separate q/k/v projections become ``in_proj_weight``, the
 Transformers ResNet (``embedder`` / ``encoder.stages``) and the timm ResNet of the published hub checkpoints
 (``model.backbone.conv_encoder.model.*``, torchvision names) become ``backbone.0.body.*``, heads that
-Transformers ties or stores once are filled in. Both the on-disk names (``conv_encoder``, ``out_proj``,
+Transformers ties or stores once are filled in (two-stage: ``class_embed.N`` from ``model.decoder.class_embed.N``,
+the encoder's head being the last N), and copies that fxq shares but the file holds with different values are
+refused. Both the on-disk names (``conv_encoder``, ``out_proj``,
 ``fc1``) and the in-memory names of Transformers 5 (``backbone.model``, ``o_proj``, ``mlp.fc1``) are read.
 
 safetensors files load without pickle; ``pytorch_model.bin`` loads with ``torch.load(weights_only=True)``.
@@ -181,6 +183,8 @@ _ENCODER_DEFORM = {"self_attn_layer_norm": "norm1", "fc1": "linear1", "fc2": "li
 _DECODER_DEFORM = {"encoder_attn_layer_norm": "norm1", "self_attn_layer_norm": "norm2", "fc1": "linear1",
                    "fc2": "linear2", "final_layer_norm": "norm3", "self_attn.out_proj": "self_attn.out_proj",
                    **{f"encoder_attn.{p}": f"cross_attn.{p}" for p in _DEFORM_ATTN}}
+#: The two-stage modules of Deformable DETR, named alike in both layouts (below ``model`` / ``transformer``).
+_TWO_STAGE_MODULES = ("enc_output", "enc_output_norm", "pos_trans", "pos_trans_norm")
 _QKV = re.compile(r"^model\.(encoder|decoder)\.layers\.(\d+)\.(self_attn|encoder_attn)\.([qkv])_proj\.(weight|bias)$")
 _LAYER = re.compile(r"^model\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
@@ -225,7 +229,9 @@ def _head_name(key: str, family: str) -> str | None:
     else:
         table = {"model.input_proj.": "input_proj.", "model.query_position_embeddings.": "query_embed.",
                  "model.reference_points.": "transformer.reference_points.", "class_embed.": "class_embed.",
-                 "bbox_embed.": "bbox_embed.", "model.decoder.bbox_embed.": "transformer.decoder.bbox_embed."}
+                 "bbox_embed.": "bbox_embed.", "model.decoder.bbox_embed.": "transformer.decoder.bbox_embed.",
+                 **{f"model.{m}.": f"transformer.{m}." for m in _TWO_STAGE_MODULES},
+                 "model.decoder.class_embed.": "transformer.decoder.class_embed."}
         if key == "model.level_embed":
             return "transformer.level_embed"
     for hf, fxq in table.items():
@@ -283,19 +289,24 @@ def to_fxq(hf_state: Mapping[str, torch.Tensor], family: str, kwargs: Mapping[st
 
 def _fill_tied_heads(state: dict[str, torch.Tensor], origin: dict[str, str], family: str,
                      kwargs: Mapping[str, Any]) -> None:
-    """Heads Transformers stores once: per-layer class heads tied to the first, box heads shared with the
-    decoder (box refinement) or with the first layer's (no refinement)."""
+    """Heads Transformers stores once: per-layer class heads tied to the first (two-stage: to the decoder's
+    copies), box heads shared with the decoder (box refinement) or with the first layer's (no refinement)."""
     if family != "deformable_detr":
         return
-    refine = kwargs["with_box_refine"]
-    sources: list[tuple[str, Callable[[int], str]]] = [("class_embed.{}.", lambda i: "class_embed.0.")]
+    refine, two_stage = kwargs["with_box_refine"], kwargs.get("two_stage", False)
+    sources: list[tuple[str, Callable[[int], str]]]
+    if two_stage:
+        sources = [("class_embed.{}.", lambda i: f"transformer.decoder.class_embed.{i}."),
+                   ("transformer.decoder.class_embed.{}.", lambda i: f"class_embed.{i}.")]
+    else:
+        sources = [("class_embed.{}.", lambda i: "class_embed.0.")]
     if refine:
         sources += [("bbox_embed.{}.", lambda i: f"transformer.decoder.bbox_embed.{i}."),
                     ("transformer.decoder.bbox_embed.{}.", lambda i: f"bbox_embed.{i}.")]
     else:
         sources += [("bbox_embed.{}.", lambda i: "bbox_embed.0.")]
     for pattern, source_of in sources:
-        for layer in range(kwargs["dec_layers"]):
+        for layer in range(kwargs["dec_layers"] + int(two_stage)):
             target, source = pattern.format(layer), source_of(layer)
             if any(k.startswith(target) for k in state):
                 continue
@@ -324,7 +335,8 @@ def check_config_against_weights(config: Mapping[str, Any], kwargs: Mapping[str,
                                  hf_state: Mapping[str, torch.Tensor], source: str) -> None:
     """CheckpointError naming the first config.json field whose value the weights contradict."""
     detr = family == "detr"
-    classes = _rows(hf_state, "class_labels_classifier.bias" if detr else "class_embed.0.bias")
+    classes = _rows(hf_state, *(["class_labels_classifier.bias"] if detr else
+                                ["class_embed.0.bias", "model.decoder.class_embed.0.bias"]))
     queries = _rows(hf_state, "model.query_position_embeddings.weight")
     facts = [
         ("encoder_layers", kwargs["enc_layers"], _count(hf_state, r"^model\.encoder\.layers\.(\d+)\.")),
@@ -339,6 +351,7 @@ def check_config_against_weights(config: Mapping[str, Any], kwargs: Mapping[str,
         facts += [("num_feature_levels", kwargs["num_feature_levels"], _rows(hf_state, "model.level_embed")),
                   ("with_box_refine", kwargs["with_box_refine"],
                    any(canonical_name(k).startswith("model.decoder.bbox_embed.") for k in hf_state))]
+        _check_two_stage(kwargs["two_stage"], hf_state, source)
     for name, configured, found in facts:
         if found not in (None, 0) and found != configured:
             raise CheckpointError(f"{source}: config.json says {name} = {configured!r} but the weights hold "
@@ -346,18 +359,29 @@ def check_config_against_weights(config: Mapping[str, Any], kwargs: Mapping[str,
                                   "the folder the weights were saved in)")
 
 
+def _check_two_stage(configured: bool, hf_state: Mapping[str, torch.Tensor], source: str) -> None:
+    """CheckpointError when config.json's ``two_stage`` and the presence of the two-stage modules disagree."""
+    found = "model.enc_output.weight" in map(canonical_name, hf_state)
+    if configured != found:
+        raise CheckpointError(f"{source}: config.json says two_stage = {configured} but the weights "
+                              f"{'hold' if found else 'lack'} the two-stage modules (model.enc_output, "
+                              "model.pos_trans): fix two_stage or pass the folder the weights were saved in")
+
+
 def _check_strict(checkpoint: TransformersCheckpoint, unused: list[str]) -> None:
     """CheckpointError listing Transformers keys fxq has no place for and fxq tensors the file lacks."""
     from fxq.models.zoo import FAMILIES
 
     with torch.device("meta"):
-        expected = FAMILIES[checkpoint.family](**checkpoint.kwargs).state_dict()
+        model = FAMILIES[checkpoint.family](**checkpoint.kwargs)
+    expected = model.state_dict()
     state = checkpoint.state
     missing = [k for k in expected if k not in state]
     extra = unused + [checkpoint.origin.get(k, k) for k in state if k not in expected]
     wrong = [f"{checkpoint.origin.get(k, k)} {tuple(state[k].shape)} vs {tuple(v.shape)}"
              for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if not (missing or extra or wrong):
+        _check_shared(checkpoint, model)
         return
     parts = [f"{name}: {len(items)} (first: {', '.join(items[:SHOWN])})"
              for name, items in (("missing (fxq names)", missing), ("unexpected (Transformers names)", extra),
@@ -365,6 +389,24 @@ def _check_strict(checkpoint: TransformersCheckpoint, unused: list[str]) -> None
     raise CheckpointError(f"Transformers checkpoint {checkpoint.source!r} ({checkpoint.architecture}) does not "
                           "match its config.json: " + "; ".join(parts)
                           + ". Pass the folder save_pretrained wrote, unchanged.")
+
+
+def _check_shared(checkpoint: TransformersCheckpoint, model: nn.Module) -> None:
+    """CheckpointError naming two Transformers keys that hold different values where fxq's model (the official
+    layout) has one shared tensor, e.g. a two-stage head and its decoder copy saved untied."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    state, origin = checkpoint.state, checkpoint.origin
+    for group in names.values():
+        first = group[0]
+        for other in group[1:]:
+            if state[other] is not state[first] and not torch.equal(state[other], state[first]):
+                raise CheckpointError(
+                    f"Transformers checkpoint {checkpoint.source!r}: {origin.get(first, first)} and "
+                    f"{origin.get(other, other)} differ, but fxq's {checkpoint.family} (the official layout) has "
+                    "one tensor for both: fxq cannot hold untied copies of a head (a model saved with "
+                    "tie_word_embeddings = false whose copies diverged); pass a checkpoint whose copies are equal")
 
 
 # ------------------------------------------------------------------------------------------------- building

@@ -23,6 +23,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "detr_tiny": ("detr", TINY_DETR),
     "deformable_detr_r50": ("deformable_detr", {}),
     "deformable_detr_r50_box_refine": ("deformable_detr", {"with_box_refine": True}),
+    "deformable_detr_r50_two_stage": ("deformable_detr", {"with_box_refine": True, "two_stage": True}),
     "deformable_detr_tiny": ("deformable_detr", TINY_DEFORMABLE),
 }
 
