@@ -83,13 +83,20 @@ def build_qdq_model(gm: torch.fx.GraphModule, example_images: torch.Tensor, poin
     """(QDQ model, what the rewrite produced, serialized bytes of the float export) for ``gm`` with ``points``."""
     was_training = gm.training
     gm.eval()
+    learning = [p for p in gm.parameters() if p.requires_grad]
     try:
         names = output_names(gm)
+        # a QAT graph's learnable scales require grad, and the TorchScript exporter refuses such a tensor where it
+        # has to become a constant (seen lowering a 4-4-8 QAT run prepared for ort-cpu)
+        for p in learning:
+            p.requires_grad_(False)
         with torch.no_grad(), markers_installed(gm, points):
             model = export_marked(gm, example_images, names, opset, dynamic,
                                   marked=any(p.enabled for p in points.values()))
     finally:
         gm.train(was_training)
+        for p in learning:
+            p.requires_grad_(True)
     float_bytes = model.ByteSize()
     weights = _weights(gm, points)
     counts = rewrite_markers(model, points, weights)

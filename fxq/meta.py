@@ -176,7 +176,7 @@ ROLE: Key[str] = declare(
 SHAPE: Key[list | None] = declare(
     "fxq.shape", list | None, "fxq.costs",
     (_P + "distribution_alignment", _P + "insert_quant", _P + "prepare_qat", _P + "runtime_prep",
-     _P + "training_graph"),
+     _P + "training_graph", "fxq.ptq"),
     "output shape at the traced input size (a list of shapes for tuple outputs; None for non-tensors)")
 PARAMS: Key[int] = declare(
     "fxq.params", int, "fxq.costs", (),
@@ -190,7 +190,7 @@ WEIGHT: Key[str | None] = declare(
 QSPEC: Key[QSpec] = declare(
     "fxq.qspec", "QSpec", _P + "policy",
     (_B + "runtime_lower", _P + "allocate", _P + "insert_quant", _P + "precision", _P + "prepare_qat",
-     _P + "quantize", _P + "report", _P + "runtime_prep", _P + "sensitivity"),
+     _P + "quantize", _P + "report", _P + "runtime_prep", _P + "sensitivity", "fxq.cli.report_html"),
     "how the node is quantized (fxq.quant.QSpec); absent: the node stays float", saved=True)
 QUANTIZER: Key[QuantizerRecord] = declare(
     "fxq.quantizer", QuantizerRecord, _P + "insert_quant",
@@ -208,13 +208,13 @@ DETPTQ: Key[DetPTQRecord] = declare(
     "on quantized layers: the Lp norm DetPTQ chose and every candidate's ODOL")
 FISHER: Key[FisherRecord] = declare(
     "fxq.fisher", FisherRecord, _P + "fisher",
-    (_P + "allocate", _P + "report", _P + "sensitivity"),
+    (_P + "allocate", _P + "report", _P + "sensitivity", "fxq.cli.report_html"),
     "conv/linear nodes: Fisher (empirical or Hutchinson) traces per weight element, by objective", saved=True)
 QUANT_ERROR: Key[dict[int, float]] = declare(
     "fxq.quant_error", dict[int, float], _P + "sensitivity", (),
     "{bits: ‖Q_b(W) − W‖²} of the node's weight", saved=True)
 SENSITIVITY: Key[dict[int, float]] = declare(
-    "fxq.sensitivity", dict[int, float], _P + "sensitivity", (_P + "allocate",),
+    "fxq.sensitivity", dict[int, float], _P + "sensitivity", (_P + "allocate", "fxq.cli.report_html"),
     "{bits: Ω(bits)}, the loss perturbation the allocation minimises", saved=True)
 ALLOCATION: Key[AllocationSummary] = declare(
     "fxq.allocation", AllocationSummary, _P + "allocate", (_P + "report",),

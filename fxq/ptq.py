@@ -48,3 +48,23 @@ def quantize_ptq(float_gm: DetectorGraph, calib: Iterable, policy: str | QSpec |
     gm = annotated_copy(float_gm, policy, allocation, overrides)
     quantize_annotated(gm, calib, float_gm, method, profile, num_batches, progress)
     return gm
+
+
+def ptq_structure(float_gm: DetectorGraph, state: Mapping[str, torch.Tensor], policy: str | QSpec | None = "W8A8",
+                  target: str | TargetProfile | None = None,
+                  allocation: str | os.PathLike | None = None) -> DetectorGraph:
+    """The graph :func:`quantize_ptq` makes for these settings, holding a saved ``state`` (its state_dict:
+    weights, scales, zero-points; loaded strictly) instead of a calibration's: no data needed."""
+    from fxq import meta
+    from fxq.errors import InputError
+    from fxq.passes.calibrate import record_calibration
+
+    images = next((n for n in float_gm.graph.nodes if n.op == "placeholder"), None)
+    shape = None if images is None else meta.get(images, meta.SHAPE)
+    if not shape or len(shape) != 4:
+        raise InputError("the float graph's input has no traced shape (fxq.shape); trace it with fxq.trace")
+    blank = [torch.zeros(1, *shape[1:])]  # a structural stand-in: every scale comes from ``state``
+    gm = quantize_ptq(float_gm, blank, policy, "minmax", progress=False, target=target, allocation=allocation)
+    gm.load_state_dict(state, strict=True)
+    record_calibration(gm)
+    return gm

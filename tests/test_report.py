@@ -19,9 +19,11 @@ from fxq.cli import build_parser, main
 from fxq.cli.pipeline import recipe_options
 from fxq.cli.recipe import effective_recipe
 
-KEYS = ["model", "checkpoint", "data", "policy", "allocation", "method", "critical", "calib_images", "val_images",
-        "size", "runtime", "latency_runs", "threads", "out", "seed"]
-ARTIFACTS = ["recipe.yaml", "environment.json", "model.json", "eval_fp32.json", "eval_quant.json"]
+KEYS = ["model", "checkpoint", "data", "policy", "allocation", "budget", "budget_kind", "objective", "candidates",
+        "latency_table", "method", "qat_steps", "fisher_reg", "distill", "critical", "calib_images", "val_images", "size", "runtime", "latency_runs",
+        "threads", "out", "seed"]
+ARTIFACTS = ["recipe.yaml", "environment.json", "stages.json", "model.json", "eval_fp32.json", "eval_quant.json"]
+ANALYSIS = ["fisher.json", "frontier.json"]
 DEPLOYED = ["export.json", "parity.json", "latency.json", "model_fp32.onnx", "model_quant.onnx"]
 
 
@@ -99,7 +101,7 @@ def test_a_missing_recipe_file_is_named(tmp_path, capsys):
 
 
 def test_the_run_folder_holds_each_stages_artifact(run):
-    assert all((run / name).is_file() for name in [*ARTIFACTS, *DEPLOYED, "summary.json", "report.html"])
+    assert all((run / name).is_file() for name in [*ARTIFACTS, *ANALYSIS, *DEPLOYED, "summary.json", "report.html"])
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     assert recipe == {**parsed_recipe([]), "size": 64, "calib_images": 4, "val_images": 8, "out": str(run)}
     fp32, quant = read(run, "eval_fp32.json"), read(run, "eval_quant.json")
@@ -231,13 +233,13 @@ def test_the_report_is_self_contained(run):
     assert references and all(r.startswith("#") for r in references)  # glyphs and clip paths inside the page
     web = re.findall(r"([\w:-]+)=\"https?://", page)
     assert page.count("http") == len(web) and all(name.startswith("xmlns") for name in web), web  # namespaces only
-    assert page.count("<svg") == 1 and "<figure" in page
+    assert page.count("<svg") == 3 and page.count("<figure") == 3  # per-category AP, Fisher, frontier
 
 
 def test_fxq_report_rebuilds_the_same_page_from_the_artifacts_alone(run, tmp_path, capsys):
     copy = tmp_path / "again" / run.name
     copy.mkdir(parents=True)
-    for name in [*ARTIFACTS, *DEPLOYED[:3]]:  # no data, no model, no ONNX file: only the JSON/YAML artifacts
+    for name in [*ARTIFACTS, *ANALYSIS, *DEPLOYED[:3]]:  # no data, model or ONNX file: only the JSON/YAML ones
         shutil.copy(run / name, copy / name)
     assert main(["report", str(copy)]) == 0
     assert f"report: {copy / 'report.html'}" in capsys.readouterr().out
@@ -259,7 +261,7 @@ def _edit(path: Path, key: str, value=None) -> None:
     (lambda folder: (folder / "eval_fp32.json").write_text('{"AP": 0.'), "eval_fp32.json is damaged (not valid JSON"),
     (lambda folder: _edit(folder / "eval_fp32.json", "categories"), "eval_fp32.json lacks categories"),
     (lambda folder: _edit(folder / "eval_quant.json", "run_id", "an-earlier-run"),
-     "eval_quant.json is from an earlier run than"),
+     "eval_quant.json is not the one"),
     (lambda folder: (folder / "recipe.yaml").write_text("a: [b"), "recipe.yaml is damaged (not valid YAML)"),
     (lambda folder: [(folder / n).unlink() for n in ARTIFACTS], "has no " + ", ".join(ARTIFACTS)),
     (lambda folder: shutil.rmtree(folder), "is missing: give the --out folder of an `fxq pipeline` run"),

@@ -74,6 +74,9 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def interrupted_message(args: argparse.Namespace | None) -> str:
     """What an interrupted command leaves and how to go on."""
     command = f"fxq {args.command}" if args is not None else "fxq"
+    if args is not None and args.command == "pipeline":
+        return (f"{command}: interrupted; the stages finished so far are kept in {args.out} (stages.json) and no "
+                "file was left half-written: run the same command again to continue from the interrupted stage")
     if args is not None and hasattr(args, "resume"):
         return (f"{command}: interrupted; every file in {args.out} is complete (checkpoints are written "
                 "atomically): run the same command with --resume to continue from the last checkpoint")

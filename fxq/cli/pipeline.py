@@ -1,12 +1,14 @@
-"""``fxq pipeline``: the whole flow on one model — data, float accuracy, PTQ (a uniform policy or an allocation),
-accuracy of the quantized graph, runtime-aware ONNX export, onnxruntime parity and accuracy, latency, report.
+"""``fxq pipeline``: the whole flow on one model — data, float accuracy, Fisher analysis, allocation under a budget
+(or a uniform policy), PTQ, accuracy of the quantized graph, runtime-aware ONNX export, onnxruntime parity and
+accuracy, latency with a per-op-type profile, report.
 
 Defaults run in about a minute on 2 cores: the embedded tiny Deformable DETR, a fresh synthetic set (seed 1, so images
 the model never saw), W8A8 with min-max calibration, prepared for ORT CPU. Options come from the flags, else from a
---recipe YAML file, else from the defaults (--print-recipe prints the recipe the arguments give). Writes one file per
-stage into OUT: recipe.yaml (the effective options), environment.json (command, versions, machine), model.json,
-eval_fp32.json, eval_quant.json (per-category AP), model_fp32.onnx, model_quant.onnx, export.json, parity.json,
-latency.json (unless --latency-runs 0), summary.json, and last report.html (`fxq report OUT` rebuilds it).
+--recipe YAML file, else from the defaults (--print-recipe prints the recipe the arguments give). Each stage writes
+its files into OUT (:mod:`fxq.cli.pipeline_run` lists them); a rerun keeps the stages whose inputs did not change
+(:mod:`fxq.cli.stages`), --from STAGE reruns from there, Ctrl-C leaves the finished stages for the next run.
+recipe.yaml, environment.json, stages.json, summary.json and last report.html (`fxq report OUT` rebuilds it) come
+with every run.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fxq.cli.recipe import Given
 
-if TYPE_CHECKING:
-    import torch
+#: Stage names, in run order (:mod:`fxq.cli.pipeline_run`).
+STAGE_NAMES = ("data", "model", "eval_fp32", "fisher", "allocate", "quantize", "eval_quant", "export", "parity",
+               "latency")
+#: Budget units of the allocation (:mod:`fxq.passes.allocate`).
+BUDGET_KINDS = ("avg_bits", "size_bytes", "bops", "latency")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "it; its paths are relative to the current folder, as on the command line)")
     p.add_argument("--print-recipe", action="store_true",
                    help="print the recipe these arguments give (the defaults, when alone) as YAML and exit")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", choices=STAGE_NAMES,
+                   help=f"rerun this stage and every later one even if done ({', '.join(STAGE_NAMES)})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds (another command's run, or this pipeline's stages) instead of "
+                        "refusing / skipping stages that are done")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -44,8 +54,27 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocation", action=Given, metavar="A.json",
                    help="per-node precision from `fxq allocate MODEL --out A.json` instead of the policy (made for "
                         "--model at --size)")
+    p.add_argument("--budget", action=Given, type=float, default=None,
+                   help="allocate weight bits by Fisher sensitivity within this budget (--budget-kind units) "
+                        "instead of the policy's uniform weight bits (the policy still sets activations)")
+    p.add_argument("--budget-kind", action=Given, default="avg_bits", choices=BUDGET_KINDS,
+                   help="unit of --budget: average weight bits, model bytes, BOPs or latency (ms; "
+                        "needs --latency-table)")
+    p.add_argument("--objective", action=Given, default="critical", choices=("overall", "critical", "combined"),
+                   help="Fisher trace the allocation weighs: of L_A, of the critical loss L_F, or of both")
+    p.add_argument("--candidates", action=Given, type=int, nargs="+", default=[2, 4, 8],
+                   help="weight bit-widths the allocation chooses from")
+    p.add_argument("--latency-table", action=Given, metavar="T.json",
+                   help="per-node latencies from `fxq bench MODEL --latency-table T.json` (--budget-kind latency)")
     p.add_argument("--method", action=Given, default="minmax",
                    help="calibration: minmax, percentile:99.99, mse, lp:<p>, detptq")
+    p.add_argument("--qat-steps", action=Given, type=int, default=0,
+                   help="quantization-aware training steps after the calibration (`fxq qat` in OUT/qat, at its "
+                        "defaults; 0: PTQ only). --method is then QAT's initial calibration")
+    p.add_argument("--fisher-reg", action=Given, type=float, default=0.0, metavar="LAMBDA",
+                   help="QAT: weight λ of the Fisher-trace regularizer of the critical loss (0: off)")
+    p.add_argument("--distill", action=Given, default="none",
+                   help="QAT: distillation from the float model: none, kd, drd, aq or a '+' of them (e.g. drd+aq)")
     p.add_argument("--critical", action=Given, nargs="+", default=["person"],
                    help="critical categories (names/ids/supercategories)")
     p.add_argument("--calib-images", action=Given, type=int, default=32, help="calibration images (train split)")
@@ -70,28 +99,8 @@ def recipe_options() -> dict[str, argparse.Action]:
     return options_of(parser)
 
 
-def _data(args: argparse.Namespace) -> Path:
-    from fxq.data import write_synthetic
-
-    if args.data:
-        return Path(args.data)
-    root = Path(args.out) / "data"
-    if not (root / "annotations" / "instances_val.json").is_file():
-        write_synthetic(root, seed=args.seed, train=args.calib_images, val=args.val_images, size=args.size,
-                        overwrite=True)
-    return root
-
-
-def _loader(root: Path, split: str, images: int, size: int, batch_size: int):
-    from torch.utils.data import DataLoader, Subset
-
-    from fxq.data import CocoDetection, collate, eval_transforms
-
-    ds = CocoDetection.from_folder(root, split, transforms=eval_transforms(size))
-    return DataLoader(Subset(ds, range(min(images, len(ds)))), batch_size=batch_size, collate_fn=collate), ds
-
-
 def run(args: argparse.Namespace) -> int:
+    from fxq.cli.pipeline_run import PipelineRun
     from fxq.cli.recipe import apply_recipe, dump_recipe, effective_recipe, load_recipe
 
     options = recipe_options()
@@ -102,7 +111,27 @@ def run(args: argparse.Namespace) -> int:
         print(dump_recipe(recipe, options), end="")
         return 0
     _check(args)
-    return _run_stages(args, _write_setup(Path(args.out), recipe, options))
+    out = Path(args.out)
+    _claim(out, args.overwrite)
+    book = _stage_book(args, out, recipe)
+    run = PipelineRun(args)
+    run.check_inputs()
+    names = list(book.stages)
+    todo = book.prepare(names[names.index(args.from_stage):] if args.from_stage else ())
+    run.run_id = _write_setup(out, recipe, options)
+    return _run_stages(run, book, todo)
+
+
+def _stage_book(args: argparse.Namespace, out: Path, recipe: dict):
+    from fxq.cli.pipeline_run import stage_plan
+    from fxq.cli.stages import StageBook
+    from fxq.errors import InputError
+
+    book = StageBook(out, stage_plan(args), recipe)
+    if args.from_stage and args.from_stage not in book.stages:
+        raise InputError(f"--from {args.from_stage}: this run has no {args.from_stage} stage (it has "
+                         f"{', '.join(book.stages)})")
+    return book
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -119,11 +148,13 @@ def _check(args: argparse.Namespace) -> None:
     from fxq.quant import parse_method, parse_policy
     from fxq.targets import TARGETS
 
-    check_at_least(args, {"calib_images": 1, "val_images": 1, "seed": 0, "latency_runs": 0, "threads": 1})
+    check_at_least(args, {"calib_images": 1, "val_images": 1, "seed": 0, "latency_runs": 0, "threads": 1,
+                          "qat_steps": 0, "fisher_reg": 0.0})
     check_size(args.size)
     check_checkpoint(args.checkpoint)
     check_input_folder(args.data, "--data")
     check_input_file(args.allocation, "--allocation")
+    check_input_file(args.latency_table, "--latency-table")
     check_output_file(Path(args.out) / "summary.json", "--out")
     parse_policy(args.policy)
     if args.allocation and args.policy != "W8A8":
@@ -132,16 +163,69 @@ def _check(args: argparse.Namespace) -> None:
         raise InputError(f"--runtime {args.runtime} is not a target: choose one of {', '.join(TARGETS)} or none")
     if args.method != "detptq":
         parse_method(args.method)
+    _check_budget(args)
+    _check_qat(args)
+
+
+def _check_qat(args: argparse.Namespace) -> None:
+    from fxq.errors import InputError
+    from fxq.qat import distill_methods
+
+    distill_methods(args.distill)
+    if not args.qat_steps and (args.fisher_reg or args.distill != "none"):
+        raise InputError("--fisher-reg and --distill act in QAT: give --qat-steps N (N > 0) too")
+
+
+def _check_budget(args: argparse.Namespace) -> None:
+    from fxq.errors import InputError
+
+    if args.budget is not None:
+        if args.allocation:
+            raise InputError(f"give --budget (the pipeline allocates) or --allocation {args.allocation} (a saved "
+                             "allocation), not both")
+        if not 0 < args.budget < float("inf"):
+            raise InputError(f"--budget {args.budget}: give a finite number > 0 in --budget-kind units")
+    bad = [b for b in args.candidates if not 1 <= b <= 16]
+    if bad or not args.candidates:
+        raise InputError(f"--candidates {' '.join(map(str, args.candidates))}: bit-widths are 1..16 (e.g. 2 4 8)")
+    if args.budget_kind == "latency" and not args.latency_table:
+        raise InputError("--budget-kind latency needs --latency-table FILE (write one with "
+                         "`fxq bench MODEL --latency-table FILE`)")
+    if args.latency_table and args.budget_kind != "latency":
+        raise InputError(f"--latency-table goes with --budget-kind latency (got --budget-kind {args.budget_kind})")
+
+
+def _claim(out: Path, overwrite: bool) -> None:
+    """Refuse a folder holding another command's run unless ``overwrite``; with it, empty the folder."""
+    import shutil
+
+    from fxq.cli.run_artifacts import RECIPE, STAGES
+    from fxq.errors import InputError
+    from fxq.train.run_folder import RUN_FILES
+
+    if not out.is_dir():
+        return
+    if overwrite:
+        for entry in out.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        return
+    if (out / STAGES).is_file() or (out / RECIPE).is_file():
+        return  # a pipeline run: its stages that are done are kept
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    if present:
+        raise InputError(f"{out} holds another command's run ({', '.join(present)}): choose another --out, or "
+                         "replace it with --overwrite (nothing was written)")
 
 
 def _write_setup(out: Path, recipe: dict, options: dict) -> str:
-    """Write the run folder's recipe.yaml and environment.json; the new run's id (every artifact carries it)."""
+    """Write the run folder's recipe.yaml and environment.json; this invocation's run id (the artifacts of the
+    stages it runs carry it, stages.json records it)."""
     from fxq.cli.environment import environment
     from fxq.cli.recipe import command_line, dump_recipe
-    from fxq.cli.run_artifacts import ENVIRONMENT, ONNX_FP32, ONNX_QUANT, OPTIONAL, write_recipe
+    from fxq.cli.run_artifacts import ENVIRONMENT, REPORT, SUMMARY, write_recipe
     from fxq.io import write_json
 
-    for name in (*OPTIONAL, ONNX_FP32, ONNX_QUANT):  # a new run: no stage's file of the last one stays
+    for name in (SUMMARY, REPORT):  # rebuilt at the end from the stages' artifacts
         (out / name).unlink(missing_ok=True)
     write_recipe(out, dump_recipe(recipe, options))
     env = environment(command_line("fxq pipeline", recipe, options))
@@ -149,100 +233,26 @@ def _write_setup(out: Path, recipe: dict, options: dict) -> str:
     return env["run_id"]
 
 
-def _run_stages(args: argparse.Namespace, run_id: str) -> int:
+def _run_stages(run, book, todo: list[str]) -> int:
     import torch
 
+    from fxq.cli.pipeline_summary import print_summary, write_summary
     from fxq.cli.report import build_report
-    from fxq.cli.run_artifacts import EVAL_FP32, EVAL_QUANT, MODEL, SUMMARY
-    from fxq.data import resolve_categories
-    from fxq.io import write_json
-    from fxq.models import build
-    from fxq.ptq import float_graph, quantize_ptq
-    from fxq.roles import quantizer_nodes
 
-    out = Path(args.out)
+    args, run_id = run.args, run.run_id
     torch.manual_seed(args.seed)
-    model = build(args.model, checkpoint=args.checkpoint)
-    root = _data(args)
-    val, val_ds = _loader(root, "val", args.val_images, args.size, 16)
-    calib, _ = _loader(root, "train", args.calib_images, args.size, 8)
-    critical = resolve_categories(val_ds.ann_file, args.critical)
-    fgm = float_graph(model, (args.size, args.size))
-    write_json(out / MODEL, {"run_id": run_id, **_model_record(args, model, fgm)})
-    record = {"run_id": run_id, "graph": "fp32 (FX graph)", "seconds": 0.0}
-    rows = [_evaluate(out / EVAL_FP32, record, fgm, val, val_ds, critical)]
-    start = time.perf_counter()
-    runtime = None if args.runtime == "none" else args.runtime
-    precision = "allocation" if args.allocation else args.policy
-    qgm = quantize_ptq(fgm, calib, None if args.allocation else args.policy, args.method, progress=False,
-                       target=runtime, allocation=args.allocation)
-    record = {"run_id": run_id, "graph": f"{precision} {args.method}",
-              "seconds": round(time.perf_counter() - start, 1), "policy": args.policy, "method": args.method,
-              "allocation": args.allocation, "runtime": runtime, "quantizers": len(quantizer_nodes(qgm))}
-    rows.append(_evaluate(out / EVAL_QUANT, record, qgm, val, val_ds, critical))
-    deployed = _deploy(args, out, run_id, fgm, qgm, runtime, (val, val_ds, critical))
-    _print_rows(args, root, rows)
-    _print_deployment(deployed)
-    write_json(out / SUMMARY, {"run_id": run_id, "model": args.model, "policy": args.policy,
-                               "allocation": args.allocation, "method": args.method, "rows": rows, **deployed})
-    print(f"report: {build_report(out)}")
+    ran = {}
+    for i, name in enumerate(book.stages, 1):
+        if name not in todo:
+            print(f"[{i}/{len(book.stages)}] {name}: done, kept (its inputs did not change)", flush=True)
+            continue
+        print(f"[{i}/{len(book.stages)}] {name}", flush=True)
+        book.start(name)
+        start = time.perf_counter()
+        run.stage(name)()
+        ran[name] = time.perf_counter() - start
+        book.finish(name, run_id, ran[name])
+    summary = write_summary(run.out, run_id, args, book)
+    print_summary(summary, args)
+    print(f"report: {build_report(run.out)}")
     return 0
-
-
-def _deploy(args: argparse.Namespace, out: Path, run_id: str, fgm, qgm, runtime: str | None, data) -> dict:
-    """Export, ORT parity and (unless --latency-runs 0) latency stages; what the summary shows of them."""
-    from fxq.cli.pipeline_deploy import export_stage, latency_stage, parity_stage
-
-    val, val_ds, critical = data
-    export = export_stage(out, run_id, fgm, qgm, args.size, runtime)
-    parity = parity_stage(out, run_id, qgm, val, val_ds, critical, args.threads)
-    found = {"export": {k: export[k] for k in ("runtime", "fp32_bytes", "quant_bytes")},
-             "parity": {k: parity[k] for k in ("max_abs_diff", "AP", "critical_AP")}}
-    if args.latency_runs:
-        latency = latency_stage(out, run_id, args.size, args.latency_runs, args.threads)
-        found["latency"] = {"fp32_ms": latency["rows"]["fp32"]["median_ms"],
-                            "quantized_ms": latency["rows"]["quantized"]["median_ms"], "speedup": latency["speedup"]}
-    return found
-
-
-def _print_deployment(found: dict) -> None:
-    export, parity = found["export"], found["parity"]
-    diff = parity["max_abs_diff"]
-    print(f"ONNX ({export['runtime'] or 'plain QDQ'}): {export['quant_bytes']:,} bytes quantized vs "
-          f"{export['fp32_bytes']:,} float; onnxruntime AP {parity['AP']:.3f} (critical {parity['critical_AP']:.3f}),"
-          f" max |Δ| vs the graph: logits {diff['pred_logits']:.2e}, boxes {diff['pred_boxes']:.2e}")
-    if "latency" in found:
-        t = found["latency"]
-        print(f"latency (onnxruntime, batch 1): fp32 {t['fp32_ms']:.1f} ms, quantized {t['quantized_ms']:.1f} ms "
-              f"({t['speedup']:.2f}×)")
-
-
-def _model_record(args: argparse.Namespace, model: torch.nn.Module, fgm: torch.fx.GraphModule) -> dict:
-    """model.json: the model, its weights and the float graph's parameters, MACs and nodes at the run's size."""
-    from fxq.costs import role_summary
-
-    roles = role_summary(fgm)
-    return {"model": args.model, "checkpoint": args.checkpoint, "size": [args.size, args.size],
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "macs": sum(r["macs"] for r in roles.values()), "graph_nodes": sum(r["nodes"] for r in roles.values()),
-            "roles": roles}
-
-
-def _print_rows(args: argparse.Namespace, root: Path, rows: list[dict]) -> None:
-    print(f"{args.model} on {args.val_images} images of {root} (critical: {', '.join(args.critical)})")
-    print(f"{'graph':<28}{'AP':>8}{'AP50':>8}{'crit AP':>9}{'rest AP':>9}{'time s':>8}")
-    for r in rows:
-        print(f"{r['graph']:<28}{r['AP']:>8.3f}{r['AP50']:>8.3f}{r['critical_AP']:>9.3f}{r['rest_AP']:>9.3f}"
-              f"{r['seconds']:>8.1f}")
-
-
-def _evaluate(path: Path, record: dict, gm, loader, ds, critical) -> dict:
-    """Evaluate ``gm``, write ``record`` and the metrics to ``path``; the summary row."""
-    from fxq.cli.run_artifacts import write_eval
-    from fxq.evaluation import evaluate_model
-
-    start = time.perf_counter()
-    m = evaluate_model(gm, loader, ds.coco, critical_ids=critical, progress=False)
-    write_eval(path.parent, path.name, {**record, "eval_seconds": round(time.perf_counter() - start, 1)}, m)
-    return {"graph": record["graph"], "AP": m["AP"], "AP50": m["AP50"], "critical_AP": m["critical_mAP"] or 0.0,
-            "rest_AP": m["rest_mAP"] or 0.0, "seconds": record["seconds"]}

@@ -7,7 +7,7 @@ import shlex
 from collections import Counter
 from typing import Any
 
-from fxq.cli.report_chart import category_ap_svg
+from fxq.cli.report_chart import category_ap_svg, fisher_svg, frontier_svg
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; margin: 0 auto; max-width: 1100px;
@@ -36,13 +36,17 @@ def render_report(run: dict[str, Any], title: str) -> str:
         "<h2>Model and recipe</h2>", _summary(run),
         "<h2>Accuracy</h2>", _accuracy(fp32, quant),
         "<h2>Deployment</h2>", _deployment(run),
-        "<h2>Quantized layers</h2>", _layers(run.get("export")),
         "<h2>Per-category AP</h2>", _figure(fp32, quant),
+        "<h2>Fisher and allocation</h2>", _analysis(run),
+        "<h2>Quantized layers</h2>", _layers(run.get("export")),
+        "<h2>Latency by op type</h2>", _latency_profile(run.get("latency")),
+        "<h2>Stages</h2>", _stages(run.get("stages") or {}),
         "<h2>Reproduce</h2>", _reproduce(run),
         "<h2>Environment</h2>", _environment(run["environment"]),
         "<h2>Per-category table</h2>", _categories(fp32, quant),
-        "<footer>Built by <code>fxq report</code> from recipe.yaml, environment.json, model.json, eval_fp32.json, "
-        "eval_quant.json, export.json, parity.json and latency.json alone.</footer>",
+        "<footer>Built by <code>fxq report</code> from the run folder's recipe.yaml, environment.json, stages.json, "
+        "model.json, eval_fp32.json, eval_quant.json, fisher.json, frontier.json, allocation.json, export.json, "
+        "parity.json and latency.json alone.</footer>",
     ]
     body = "\n".join(sections)
     return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -131,6 +135,89 @@ def _lowered_nodes(export: dict | None) -> list[dict]:
     """The per-node rows of a runtime-aware lowering report (none for a plain QDQ export or no export)."""
     report = (export or {}).get("report")
     return report.get("nodes") or [] if isinstance(report, dict) else []
+
+
+def _analysis(run: dict) -> str:
+    """The Fisher trace of every layer (overall vs critical), the budget frontier and the per-layer table."""
+    fisher, frontier, allocation = run.get("fisher"), run.get("frontier"), run.get("allocation")
+    if fisher is None:
+        return "<p id=\"analysis\">This run has no Fisher analysis (no fisher.json).</p>"
+    layers = [{"name": name, **{k: rec["fxq.fisher"][k] for k in ("overall", "critical")}}
+              for name, rec in fisher["nodes"].items() if "fxq.fisher" in rec]
+    parts = [f"<figure id=\"fisher-figure\">{fisher_svg(layers)}<figcaption>Empirical Fisher trace per weight of "
+             f"each of the {len(layers)} quantizable layers: overall loss L_A (blue) and critical loss L_F (red), "
+             "on the calibration images.</figcaption></figure>"]
+    if frontier is not None:
+        chosen = frontier["chosen"]
+        what = (f"the chosen allocation (star) uses {chosen['used']:.4g} of budget {chosen['budget']:.4g}"
+                if chosen else "this run uses a uniform policy (no --budget)")
+        parts.append(f"<figure id=\"frontier-figure\">{frontier_svg(frontier)}<figcaption>Budget frontier: the "
+                     f"smallest Σ Ω ({_e(frontier['objective'])} Fisher × weight quantization error) the MILP "
+                     f"reaches at each {_e(frontier['budget_kind'])} budget, against the uniform choices; {_e(what)}."
+                     "</figcaption></figure>")
+    parts.append(_layer_table(layers, (allocation or {}).get("nodes") or {}))
+    return "\n".join(parts)
+
+
+def _layer_table(layers: list[dict], allocated: dict) -> str:
+    cols = "".join(f"<th class=\"num\">{c}</th>" for c in ("Fisher overall", "Fisher critical", "critical / overall",
+                                                           "weight bits", "Ω at those bits"))
+    rows = []
+    for layer in layers:
+        record = allocated.get(layer["name"], {})
+        bits = (record.get("fxq.qspec") or {}).get("w_bits")
+        omega = (record.get("fxq.sensitivity") or {}).get(str(bits)) if bits is not None else None
+        ratio = layer["critical"] / layer["overall"] if layer["overall"] else float("nan")
+        rows.append(f"<tr><td>{_e(layer['name'])}</td><td class=\"num\">{layer['overall']:.3e}</td>"
+                    f"<td class=\"num\">{layer['critical']:.3e}</td><td class=\"num\">{ratio:.2f}</td>"
+                    f"<td class=\"num\">{'' if bits is None else bits}</td>"
+                    f"<td class=\"num\">{'' if omega is None else f'{omega:.3e}'}</td></tr>")
+    note = "" if allocated else " (weight bits: the run's uniform policy)"
+    return (f"<details><summary>{len(layers)} quantizable layers, in graph order{note}</summary>"
+            f"<table id=\"fisher-layers\"><tr><th>node</th>{cols}</tr>\n" + "\n".join(rows) + "</table></details>")
+
+
+#: Op types the latency table lists one by one (the slowest in either file); the rest are summed.
+OP_ROWS = 12
+
+
+def _latency_profile(latency: dict | None) -> str:
+    """Kernel milliseconds per op type of both ONNX files, and the quantized file's slowest nodes."""
+    profile = (latency or {}).get("profile")
+    if not profile:
+        return "<p id=\"latency-profile\">This run has no latency profile (--latency-runs 0).</p>"
+    fp32, quant = profile["fp32"], profile["quantized"]
+    ops = sorted(set(fp32["by_op"]) | set(quant["by_op"]),
+                 key=lambda op: -max(fp32["by_op"].get(op, 0.0), quant["by_op"].get(op, 0.0)))
+    shown, rest = ops[:OP_ROWS], ops[OP_ROWS:]
+    rows = "".join(f"<tr><td>{_e(op)}</td><td class=\"num\">{_ms(fp32['by_op'].get(op))}</td>"
+                   f"<td class=\"num\">{_ms(quant['by_op'].get(op))}</td></tr>" for op in shown)
+    if rest:
+        rows += (f"<tr><td>{len(rest)} other op types</td><td class=\"num\">"
+                 f"{_ms(sum(fp32['by_op'].get(op, 0.0) for op in rest))}</td><td class=\"num\">"
+                 f"{_ms(sum(quant['by_op'].get(op, 0.0) for op in rest))}</td></tr>")
+    slow = "".join(f"<tr><td>{_e(n['node'])}</td><td>{_e(n['op'])}</td><td class=\"num\">{n['ms']:.3f}</td></tr>"
+                   for n in quant["slowest"])
+    return (f"<table id=\"op-types\"><tr><th>op type</th><th class=\"num\">fp32 ms</th>"
+            f"<th class=\"num\">quantized ms</th></tr>{rows}<tr><td>all kernels</td><td class=\"num\">"
+            f"{fp32['kernel_ms']:.2f}</td><td class=\"num\">{quant['kernel_ms']:.2f}</td></tr></table>"
+            f"<p class=\"sub\">onnxruntime's profiler, mean of {quant['runs']} runs per file after a warm-up; "
+            "kernel time only (the timed medians above include the session's overhead).</p>"
+            f"<details><summary>the quantized file's {len(quant['slowest'])} slowest nodes</summary>"
+            f"<table id=\"slowest-nodes\"><tr><th>node</th><th>op</th><th class=\"num\">ms</th></tr>{slow}"
+            "</table></details>")
+
+
+def _stages(stages: dict) -> str:
+    rows = "".join(f"<tr><td>{_e(name)}</td><td>{_e(r['run_id'])}</td><td class=\"num\">{r['seconds']:.1f}</td>"
+                   f"<td>{_e(', '.join(r.get('artifacts') or []))}</td></tr>" for name, r in stages.items())
+    return (f"<table id=\"stages\"><tr><th>stage</th><th>run</th><th class=\"num\">seconds</th><th>artifacts"
+            f"</th></tr>{rows}</table><p class=\"sub\">A rerun with the same recipe keeps the stages whose inputs "
+            "did not change; the run column says which invocation made each.</p>")
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def _figure(fp32: dict, quant: dict) -> str:

@@ -1,9 +1,12 @@
 """The files of a pipeline run folder, one per stage, and their checked reading.
 
-``recipe.yaml`` (the effective options), ``environment.json`` (command, versions, machine), ``model.json`` (the
-traced float graph's size), ``eval_fp32.json`` and ``eval_quant.json`` (COCO metrics of the float and the quantized
-graph, per category, without the detections) and ``summary.json`` (the rows the pipeline prints). All are written
-atomically; :func:`read_run` gives the report what it needs or one InputError naming the file and its fix.
+``recipe.yaml`` (the effective options), ``environment.json`` (command, versions, machine: the last invocation),
+``stages.json`` (which stages are done, by which run: :mod:`fxq.cli.stages`), ``model.json`` (the traced float
+graph's size), ``eval_fp32.json`` and ``eval_quant.json`` (COCO metrics of the float and the quantized graph, per
+category, without the detections), the analysis and deployment artifacts (:mod:`fxq.cli.pipeline_analysis`,
+:mod:`fxq.cli.pipeline_deploy`), ``quantized.pt`` (the quantized graph's state_dict, for a rerun that skips PTQ)
+and ``summary.json`` (the rows the pipeline prints). All are written atomically; :func:`read_run` gives the report
+what it needs or one InputError naming the file and its fix.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from fxq.cli.stages import STAGES_FILE as STAGES
+from fxq.cli.stages import read_stages
 from fxq.errors import InputError
 from fxq.io import write_atomic, write_json
 
@@ -21,8 +26,13 @@ EVAL_FP32, EVAL_QUANT, SUMMARY = "eval_fp32.json", "eval_quant.json", "summary.j
 REPORT = "report.html"
 ONNX_FP32, ONNX_QUANT = "model_fp32.onnx", "model_quant.onnx"
 EXPORT, PARITY, LATENCY = "export.json", "parity.json", "latency.json"
-#: Artifacts of the deployment stages: the report shows them when present (a run may skip them).
-OPTIONAL = (EXPORT, PARITY, LATENCY)
+FISHER, FRONTIER, ALLOCATION = "fisher.json", "frontier.json", "allocation.json"
+QUANT_STATE = "quantized.pt"
+#: Artifacts the report shows when present (a run may leave them out).
+OPTIONAL = (EXPORT, PARITY, LATENCY, FISHER, FRONTIER, ALLOCATION)
+#: The stage that writes each JSON artifact the report reads (stages.json records the run that did).
+WRITTEN_BY = {MODEL: "model", EVAL_FP32: "eval_fp32", EVAL_QUANT: "eval_quant", EXPORT: "export",
+              PARITY: "parity", LATENCY: "latency", FRONTIER: "allocate"}
 
 #: The keys the report reads from each JSON artifact.
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -33,6 +43,9 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     EXPORT: ("run_id", "runtime", "fp32_bytes", "quant_bytes", "report"),
     PARITY: ("run_id", "max_abs_diff", "AP", "AP50", "critical_mAP", "categories", "num_images"),
     LATENCY: ("run_id", "threads", "size", "rows", "speedup"),
+    FISHER: ("format", "nodes"),
+    FRONTIER: ("run_id", "budget_kind", "objective", "candidates", "points", "uniform", "chosen"),
+    ALLOCATION: ("format", "nodes", "allocation"),
 }
 #: The keys of each per-category row of an evaluation artifact.
 CATEGORY_KEYS = ("id", "name", "AP", "num_gt", "critical")
@@ -50,13 +63,13 @@ def write_eval(run: Path, name: str, record: dict, metrics: dict) -> None:
 
 
 def read_run(run: str | Path) -> dict[str, Any]:
-    """{recipe, recipe_text, environment, model, fp32, quant, export, parity, latency}: the artifacts of the run
-    folder ``run``, checked (the last three None where the run has none)."""
+    """{recipe, recipe_text, environment, stages, model, fp32, quant, export, parity, latency, fisher, frontier,
+    allocation}: the artifacts of the run folder ``run``, checked (the last six None where the run has none)."""
     run = Path(run)
     if not run.is_dir():
         what = "a file" if run.exists() else "missing"
         raise InputError(f"run folder {run} is {what}: give the --out folder of an `fxq pipeline` run")
-    missing = [n for n in (RECIPE, ENVIRONMENT, MODEL, EVAL_FP32, EVAL_QUANT) if not (run / n).is_file()]
+    missing = [n for n in (RECIPE, ENVIRONMENT, STAGES, MODEL, EVAL_FP32, EVAL_QUANT) if not (run / n).is_file()]
     if missing:
         raise InputError(f"{run} has no {', '.join(missing)}: {_remedy(run)}")
     recipe, recipe_text = _read_recipe(run)
@@ -64,20 +77,27 @@ def read_run(run: str | Path) -> dict[str, Any]:
              "model": _read_json(run, MODEL), "fp32": _read_json(run, EVAL_FP32), "quant": _read_json(run, EVAL_QUANT)}
     for name in OPTIONAL:
         found[name.removesuffix(".json")] = _read_json(run, name) if (run / name).is_file() else None
+    found["stages"] = read_stages(run)
     _check_same_run(run, found)
     return found
 
 
 def _check_same_run(run: Path, found: dict) -> None:
-    """InputError unless every artifact comes from the run environment.json describes (a run that stopped early
-    leaves the previous run's later files behind)."""
-    run_id = found["environment"]["run_id"]
-    named = [("model", MODEL), ("fp32", EVAL_FP32), ("quant", EVAL_QUANT),
-             *((name.removesuffix(".json"), name) for name in OPTIONAL)]
-    for key, name in named:
-        if found[key] is not None and found[key]["run_id"] != run_id:
-            raise InputError(f"{run / name} is from an earlier run than {run / ENVIRONMENT} (the last run stopped "
-                             f"before writing it): {_remedy(run)}")
+    """InputError unless every artifact is the one stages.json records (a run that stopped early, or a file
+    copied in from another run, would mix runs)."""
+    stages = found["stages"]
+    for name, stage in WRITTEN_BY.items():
+        record = found.get(_found_key(name))
+        if record is None:
+            continue
+        expected = stages.get(stage, {}).get("run_id")
+        if record["run_id"] != expected:
+            raise InputError(f"{run / name} is not the one {run / STAGES} records for stage {stage} (run "
+                             f"{record['run_id']}, recorded {expected}): {_remedy(run)}")
+
+
+def _found_key(name: str) -> str:
+    return {MODEL: "model", EVAL_FP32: "fp32", EVAL_QUANT: "quant"}.get(name, name.removesuffix(".json"))
 
 
 def _read_json(run: Path, name: str) -> dict:
