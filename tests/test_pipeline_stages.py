@@ -241,3 +241,22 @@ def test_qat_as_the_quantize_stage_exports_with_parity_and_an_interrupted_one_co
 def test_qat_options_without_qat_steps_are_refused(tmp_path, capsys):
     assert pipeline(tmp_path / "run", "--fisher-reg", "0.1") == 2
     assert "give --qat-steps N" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_nan_from_onnxruntime_in_parity_is_one_error_and_no_parity_file(tmp_path, capsys, monkeypatch):
+    from fxq.backends import OrtSession
+
+    real = OrtSession.run
+
+    def nan_logits(self, images):
+        outputs = real(self, images)
+        outputs["pred_logits"][0, 0, 0] = float("nan")
+        return outputs
+
+    monkeypatch.setattr(OrtSession, "run", nan_logits)
+    out = tmp_path / "run"
+    assert pipeline(out, "--latency-runs", "0") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'pred_logits'" in err and "NaN/inf" in err
+    assert "parity" not in stages(out) and not (out / "parity.json").exists()
+    assert "export" in stages(out)  # the stages before it stay done
