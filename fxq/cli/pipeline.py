@@ -5,8 +5,8 @@ accuracy, latency with a per-op-type profile, report.
 Defaults run in about a minute on 2 cores: the embedded tiny Deformable DETR, a fresh synthetic set (seed 1, so images
 the model never saw), W8A8 with min-max calibration, prepared for ORT CPU. Options come from the flags, else from a
 --recipe YAML file, else from the defaults (--print-recipe prints the recipe the arguments give). Each stage writes
-its files into OUT (:mod:`fxq.cli.pipeline_run` lists them); a rerun keeps the stages whose inputs did not change
-(:mod:`fxq.cli.stages`), --from STAGE reruns from there, Ctrl-C leaves the finished stages for the next run.
+its files into OUT (fxq/cli/pipeline_run.py lists them); a rerun keeps the stages whose inputs did not change
+(fxq/cli/stages.py), --from STAGE reruns from there, Ctrl-C leaves the finished stages for the next run.
 recipe.yaml, environment.json, stages.json, summary.json and last report.html (`fxq report OUT` rebuilds it) come
 with every run.
 """
@@ -27,7 +27,8 @@ BUDGET_KINDS = ("avg_bits", "size_bytes", "bops", "latency")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pipeline", help="synthetic data → float eval → PTQ → quantized eval → report, in one command",
+    p = sub.add_parser("pipeline", help="data → float eval → Fisher → allocation → PTQ or QAT → eval → ONNX → "
+                                        "parity → latency → report, in one command",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_recipe_options(p)
     p.add_argument("--recipe", metavar="R.yaml", help="YAML file of the options above (flags given here override "
