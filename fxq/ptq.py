@@ -7,7 +7,8 @@ target that fuses a conv only with one] → calibration → [int32 conv biases, 
 int32]. The bracketed steps follow the target's profile (:data:`fxq.targets.TARGETS`); without a target the
 graph is the plain recipe's. Calibration methods: ``minmax``, ``percentile[:q]``, ``mse``, ``lp:<p>`` and
 ``detptq``. The method applies to activations; weights use min-max per channel for ``minmax``/``percentile``
-and the same Lp search for ``mse``/``lp``/``detptq``. A target whose kernels need symmetric activations
+and the same Lp search for ``mse``/``lp``/``detptq`` (DetPTQ then refits both on each layer's output,
+:mod:`fxq.passes.detptq`). A target whose kernels need symmetric activations
 (``TargetProfile.activation_symmetric``) gets them in every QSpec.
 """
 

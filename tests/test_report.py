@@ -20,8 +20,8 @@ from fxq.cli.pipeline import recipe_options
 from fxq.cli.recipe import effective_recipe
 
 KEYS = ["model", "checkpoint", "data", "policy", "allocation", "budget", "budget_kind", "objective", "candidates",
-        "latency_table", "method", "qat_steps", "fisher_reg", "distill", "critical", "calib_images", "val_images", "size", "runtime", "latency_runs",
-        "threads", "out", "seed"]
+        "latency_table", "method", "qat_steps", "fisher_reg", "distill", "critical", "calib_images", "val_images",
+        "size", "runtime", "latency_runs", "threads", "out", "seed"]
 ARTIFACTS = ["recipe.yaml", "environment.json", "stages.json", "model.json", "eval_fp32.json", "eval_quant.json"]
 ANALYSIS = ["fisher.json", "frontier.json"]
 DEPLOYED = ["export.json", "parity.json", "latency.json", "model_fp32.onnx", "model_quant.onnx"]

@@ -8,6 +8,7 @@ and integer-valued float32 zero-points of shape (C,).
   symmetric: scale = max(|lo|, |hi|) / qmax, zero-point 0.
 - :func:`percentile_range`: the p-th percentile (and the (100 - p)-th when affine), linear interpolation
   as ``numpy.percentile``.
+- :func:`candidate_qparams`: the qparams of the clipped ranges [r*lo, r*hi] for the ratios of :func:`clip_ratios`.
 - :func:`search_clip_qparams`: clipping-ratio search minimising an error of x - Q(x) computed with
   :func:`fxq.quant.numerics.fake_quantize` (the exported numerics); :func:`mse_error` and
   :func:`lp_error` are the errors. The ratio 1 (min-max) is always a candidate, and ties keep the
@@ -95,6 +96,17 @@ def clip_ratios(num_candidates: int) -> list[float]:
     return [(num_candidates - i) / num_candidates for i in range(num_candidates)]
 
 
+def candidate_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, qrange: IntRange, symmetric: bool, num_candidates: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, zero_points) of shape (num_candidates, C): the clipped ranges [r*lo, r*hi] for the ratios r of
+    :func:`clip_ratios` (largest first), as :func:`minmax_qparams` maps them."""
+    ratios = torch.tensor(clip_ratios(num_candidates), dtype=torch.float64).reshape(-1, 1)
+    lo, hi = lo.double().reshape(1, -1), hi.double().reshape(1, -1)
+    scales, zps = minmax_qparams((ratios * lo).reshape(-1), (ratios * hi).reshape(-1), qrange, symmetric)
+    return scales.reshape(num_candidates, -1), zps.reshape(num_candidates, -1)
+
+
 def search_clip_qparams(
     samples: torch.Tensor,
     lo: torch.Tensor,
@@ -111,9 +123,7 @@ def search_clip_qparams(
     """
     samples = samples.float()
     channels = samples.shape[0]
-    ratios = torch.tensor(clip_ratios(num_candidates), dtype=torch.float64).reshape(-1, 1)
-    lo, hi = lo.double().reshape(1, -1), hi.double().reshape(1, -1)
-    scales, zps = minmax_qparams((ratios * lo).reshape(-1), (ratios * hi).reshape(-1), qrange, symmetric)
+    scales, zps = (v.reshape(-1) for v in candidate_qparams(lo, hi, qrange, symmetric, num_candidates))
     per_chunk = max(1, chunk_elements // max(1, samples.numel()))
     errors = []
     for start in range(0, num_candidates, per_chunk):
