@@ -24,7 +24,9 @@ checks every :class:`FusionFact` on the installed onnxruntime. In short:
   DETR-R50 (docs/METHODS.md, "Runtime facts").
 
 CUDA and TensorRT runtimes are available only when their execution provider is installed; their profiles are
-not verified here (no GPU build of onnxruntime in this environment).
+not verified here (no GPU build of onnxruntime in this environment). The ``tensorrt`` target is lowered without
+TensorRT: its file is checked against TensorRT's placement rules (:mod:`fxq.backends.tensorrt_rules`). The
+``openvino`` target needs the openvino package (:mod:`fxq.backends.openvino_facts` holds its facts).
 """
 
 from __future__ import annotations
@@ -127,30 +129,47 @@ ORT_CPU_FACTS: tuple[FusionFact, ...] = (
 
 
 def runtime_capabilities(name: str) -> TargetProfile:
-    """The profile of runtime ``name`` (:data:`fxq.targets.TARGETS`: "ort-cpu", "ort-cuda", "ort-tensorrt"),
-    checked to be runnable here.
+    """The profile of runtime ``name`` (:data:`fxq.targets.TARGETS`: "ort-cpu", "ort-cuda", "ort-tensorrt",
+    "openvino", "tensorrt"), checked to be lowerable and verifiable here: an onnxruntime target's execution
+    provider is installed, OpenVINO is importable for "openvino"; "tensorrt" needs nothing (structural check).
 
-    InputError for an unknown runtime, or one whose execution provider is not installed (naming those that are).
+    InputError for an unknown runtime, or one that is not installed (naming those that are, or the pip package).
     """
     if name not in TARGETS:
         raise InputError(f"runtime {name!r} is unknown; use one of {', '.join(TARGETS)} "
                          f"(installed here: {', '.join(available_runtimes())})")
     profile = TARGETS[name]
-    resolve_provider(profile.provider)
+    if profile.engine == "onnxruntime":
+        resolve_provider(profile.provider)
+    elif profile.engine == "openvino":
+        from fxq.backends.openvino_session import require_openvino
+
+        require_openvino()
     return profile
 
 
 def available_runtimes() -> list[str]:
-    """The runtimes of :data:`fxq.targets.TARGETS` whose execution provider this onnxruntime has."""
-    installed = ort.get_available_providers()
-    return [name for name, profile in TARGETS.items() if profile.provider in installed]
+    """The runtimes of :data:`fxq.targets.TARGETS` that can be lowered for and verified here."""
+    return [name for name in TARGETS if _installed(TARGETS[name])]
+
+
+def _installed(profile: TargetProfile) -> bool:
+    if profile.engine == "onnxruntime":
+        return profile.provider in ort.get_available_providers()
+    if profile.engine == "openvino":
+        from fxq.backends.openvino_session import openvino_version
+
+        return openvino_version() is not None
+    return True
 
 
 def runtime_of_provider(provider: str) -> str:
     """The runtime of :data:`fxq.targets.TARGETS` that runs on execution provider ``provider`` (a short or
-    full name); InputError when the provider is not installed or no runtime runs on it."""
+    full name, or "openvino"); InputError when the provider is not installed or no runtime runs on it."""
+    if isinstance(provider, str) and provider.lower() == "openvino":
+        return runtime_capabilities("openvino").name
     full = resolve_provider(provider)
     for name, profile in TARGETS.items():
-        if profile.provider == full:
+        if profile.provider == full and profile.engine == "onnxruntime":
             return name
     raise InputError(f"no runtime target of fxq runs on {full}; use a provider of {', '.join(TARGETS)}")

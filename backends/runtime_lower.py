@@ -13,7 +13,13 @@ On top of :func:`fxq.backends.lower_to_onnx` (same markers, same scales), for ``
   (:mod:`fxq.backends.space_to_depth`, same integer sums, about twice as fast);
 - compute nodes are renamed after their FX nodes (:mod:`fxq.backends.node_map`), so profiles name FX nodes.
 
-A Conv is fused only if the graph quantizes its output: run
+For ``runtime="openvino"`` the same rewrites apply (:data:`fxq.targets.TARGETS` says which; OpenVINO's executed
+layers and their precisions are read from its runtime model). For ``runtime="tensorrt"`` the file follows
+TensorRT's explicit-quantization rules instead: no int32 biases, no casts, no space-to-depth, 4-bit weights
+stored int8; after writing, :func:`fxq.backends.tensorrt_rules.check_tensorrt` checks every rule (LoweringError
+naming the node and the rule), and the report's kernels are the weighted ops TensorRT runs in int8.
+
+On ORT CPU a Conv is fused only if the graph quantizes its output: run
 :func:`fxq.passes.runtime_prep.insert_output_quantizers` before calibration (and
 :func:`~fxq.passes.runtime_prep.quantize_biases` after it, so that the PyTorch graph adds the same int32
 bias). The report's rows say, per quantized FX node, the requested precision, the stored weight type, the
@@ -27,6 +33,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.fx
 
@@ -35,29 +42,42 @@ from fxq.backends.constants import constant_value
 from fxq.backends.fusion_probes import optimized_model
 from fxq.backends.lower_qdq import EXTERNAL_DATA_THRESHOLD, build_qdq_model, check_arguments, save_lowered
 from fxq.backends.node_map import rename_to_fx, runtime_name
+from fxq.backends.openvino_facts import FOLDED, executed_layers
+from fxq.backends.qdq_commute import sink_qdq_below_movement
 from fxq.backends.qdq_rewrite import prune
 from fxq.backends.qtensor import type_name
 from fxq.backends.quant_points import QuantPoint, collect_points
 from fxq.backends.report import NodeExecution, RuntimeLoweringReport
 from fxq.backends.runtime_rewrite import narrow_weights, quantize_conv_biases
 from fxq.backends.space_to_depth import space_to_depth_convs
+from fxq.backends.tensorrt_rules import check_tensorrt
 from fxq.quant import format_policy
 from fxq.roles import ATTENTION_ROLES
 from fxq.targets import TargetProfile
 
+#: Kernels that read narrow weights but compute in floating point (weight-only quantization).
+WEIGHT_ONLY_KERNELS = ("MatMulNBits", "FullyConnected/i4")
 
-def _widen_activations(points: dict[str, QuantPoint], caps: TargetProfile) -> tuple[dict, list[str]]:
-    width = caps.activation_storage_bits
-    if width is None:
-        return points, []
-    out, widened = {}, []
+
+def _widen(points: dict[str, QuantPoint], caps: TargetProfile) -> tuple[dict, list[str]]:
+    """Points stored at the profile's activation / weight widths, and a note per kind widened."""
+    widths = {"activation": caps.activation_storage_bits, "weight": caps.weight_storage_bits}
+    out, widened = {}, {"activation": 0, "weight": 0}
     for name, p in points.items():
-        if p.enabled and p.kind != "weight" and p.storage_bits < width:
+        kind = "weight" if p.kind == "weight" else "activation"
+        width = widths[kind]
+        if width is not None and p.enabled and p.storage_bits < width:
             p = dataclasses.replace(p, min_storage_bits=width)
-            widened.append(name)
+            widened[kind] += 1
         out[name] = p
-    notes = [f"{len(widened)} activation quantizer(s) of ≤4 bits stored in {width}-bit types with a range Clip "
-             f"(same integers; {caps.name} has no 4-bit activation kernel)"] if widened else []
+    notes = []
+    if widened["activation"]:
+        notes.append(f"{widened['activation']} activation quantizer(s) of ≤4 bits stored in "
+                     f"{caps.activation_storage_bits}-bit types with a range Clip (same integers; {caps.name} has no "
+                     "4-bit activation kernel)")
+    if widened["weight"]:
+        notes.append(f"{widened['weight']} weight quantizer(s) of ≤4 bits stored in {caps.weight_storage_bits}-bit "
+                     f"types (same integers; {caps.name} runs 4-bit weights only weight-only)")
     return out, notes
 
 
@@ -72,7 +92,7 @@ def lower_for_runtime(gm: torch.fx.GraphModule, example_images: torch.Tensor, pa
     caps = runtime_capabilities(runtime)
     points = collect_points(gm)
     check_arguments(gm, example_images, opset, points)
-    points, notes = _widen_activations(points, caps)
+    points, notes = _widen(points, caps)
     model, counts, float_bytes = build_qdq_model(gm, example_images, points, opset, dynamic)
     names = rename_to_fx(model, gm)
     changes: dict[str, list[str]] = {}
@@ -83,11 +103,15 @@ def lower_for_runtime(gm: torch.fx.GraphModule, example_images: torch.Tensor, pa
         rewrites.append(quantize_conv_biases(model, _conv_biases(gm)))
     if caps.space_to_depth_convs:
         rewrites.append(space_to_depth_convs(model))
+    if caps.qdq_on_weighted_inputs:
+        rewrites.append(sink_qdq_below_movement(model))
     for done in rewrites:
         for node, what in done.items():
             changes.setdefault(node, []).extend(what)
     prune(model.graph)
     base = save_lowered(model, Path(path), external_data_threshold, counts, points, float_bytes, dynamic)
+    if caps.provider == "TensorrtExecutionProvider":
+        check_tensorrt(path)  # always: a file TensorRT would reject is never reported as lowered
     kernels = executed_kernels(path, caps) if verify else {}
     rows = [_row(gm, node, points, changes.get(node.name, []), kernels, caps, verify) for node in _compute_nodes(gm)]
     return RuntimeLoweringReport(**dataclasses.asdict(base), runtime=runtime, nodes=rows, activation_changes=notes,
@@ -101,7 +125,13 @@ def _conv_biases(gm: torch.fx.GraphModule) -> dict[str, np.ndarray]:
 
 
 def executed_kernels(path: str | os.PathLike, caps: TargetProfile) -> dict[str, str]:
-    """{node name: op type} of the graph onnxruntime runs for the model at ``path`` on the runtime."""
+    """{node name: kernel} of what the runtime runs for the model at ``path``: onnxruntime's optimized graph's op
+    types, OpenVINO's executed "layer/precision", or for TensorRT the weighted ops reading Q/DQ (which its
+    explicit quantization runs in int8; the file has passed :func:`~fxq.backends.tensorrt_rules.check_tensorrt`)."""
+    if caps.engine == "openvino":
+        return executed_layers(path)
+    if caps.engine == "tensorrt":
+        return {n.name: n.op_type for n in onnx.load(os.fspath(path)).graph.node if n.op_type in caps.integer_kernels}
     return {runtime_name(n.name): n.op_type for n in optimized_model(Path(path), caps.provider).graph.node}
 
 
@@ -128,12 +158,14 @@ def _row(gm: torch.fx.GraphModule, node: torch.fx.Node, points: dict[str, QuantP
     kernel = kernels.get(node.name) if verify else None
     if verify and kernel is None:
         kernel = "unmapped"
-    integer = None if not verify else kernel in caps.integer_kernels
+    integer = None if not verify or kernel == FOLDED else kernel in caps.integer_kernels
     if not verify:
         executed = "unverified"
+    elif kernel == FOLDED:
+        executed = "constant-folded by the runtime"
     elif not integer:
         executed = "float"
-    elif kernel == "MatMulNBits":
+    elif kernel in WEIGHT_ONLY_KERNELS:
         executed = f"{storage} weights, fp32 compute"
     else:
         executed = "int8" if storage in (None, "int8", "uint8") else f"{storage}→int8"

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import torch
 
 from fxq.backends.capabilities import resolve_provider
+from fxq.backends.tensorrt_rules import tensorrt_violations
 from fxq.errors import InputError
 
 #: Graph optimization levels by name.
@@ -52,19 +53,37 @@ def session_options(threads: int | None = None, optimization: str = "all", *,
     return options
 
 
+#: onnxruntime 1.32 CPU's s8→u8 rewrite of QDQ graphs breaks the QuantizeLinear nodes its own QDQ propagation and
+#: MatMul+Add→Gemm fusion create in signed int8 files ("output_dtype INT8 does not match y_zero_point type UINT8",
+#: e.g. a static-shape tensorrt file); the rewrite only swaps s8 for u8 kernels, so leaving it out keeps the numerics.
+S8_TO_U8_REWRITE = "QDQS8ToU8Transformer"
+_S8_TO_U8_FAILURE = "does not match y_zero_point type"
+
+
+def _create(model: str | bytes, options: ort.SessionOptions, provider: str) -> ort.InferenceSession:
+    """``ort.InferenceSession``, without :data:`S8_TO_U8_REWRITE` where that rewrite makes the file fail to load."""
+    try:
+        return ort.InferenceSession(model, options, providers=[provider])
+    except Exception as exc:  # onnxruntime's own pybind exception types
+        if _S8_TO_U8_FAILURE not in str(exc):
+            raise
+    return ort.InferenceSession(model, options, providers=[provider], disabled_optimizers=[S8_TO_U8_REWRITE])
+
+
 def inference_session(model: str | bytes, options: ort.SessionOptions, provider: str) -> ort.InferenceSession:
     """``ort.InferenceSession(model, options)``; where onnxruntime's exact-int8 rewrite (``EXACT_INT8_OPTION``) cannot
     handle the file (1.32 fails on quantize_static's QDQ files: "Attempt to replace the existing tensor"), the
-    session with its default int8 kernels, and a warning saying so."""
+    session with its default int8 kernels, and a warning saying so (and :data:`S8_TO_U8_REWRITE` left out where it
+    breaks the file)."""
     try:
-        return ort.InferenceSession(model, options, providers=[provider])
+        return _create(model, options, provider)
     except Exception as exc:  # onnxruntime's own pybind exception types
         if options.get_session_config_entry(EXACT_INT8_OPTION) != "1":
             raise
         error = exc
     options.add_session_config_entry(EXACT_INT8_OPTION, "0")
     try:
-        session = ort.InferenceSession(model, options, providers=[provider])
+        session = _create(model, options, provider)
     except Exception:
         raise error from None
     name = model if isinstance(model, str) else "a model"
@@ -85,6 +104,18 @@ def _open(path: Path, options: ort.SessionOptions, provider: str) -> ort.Inferen
                          "written by fxq.backends.lower_to_onnx or torch.onnx.export") from None
 
 
+def _check_tensorrt_placement(path: Path) -> None:
+    """InputError naming the first node of the file at ``path`` that breaks a TensorRT Q/DQ rule (TensorRT would
+    otherwise reject it mid-build, or run it with float fallbacks); a file onnx cannot read is left to onnxruntime."""
+    try:
+        violations = tensorrt_violations(path)
+    except Exception:  # not an ONNX protobuf: _open names the problem
+        return
+    if violations:
+        raise InputError(f"{path.name} cannot run under TensorRT: {violations[0]}; lower it with "
+                         "fxq export --runtime tensorrt")
+
+
 class OrtSession:
     """An onnxruntime InferenceSession on ``provider`` ("cpu", "cuda", "tensorrt") for an ONNX detector.
 
@@ -99,6 +130,8 @@ class OrtSession:
                  exact_int8: bool = True) -> None:
         self.path = Path(path)
         self.provider = resolve_provider(provider)
+        if self.provider == "TensorrtExecutionProvider" and self.path.is_file():
+            _check_tensorrt_placement(self.path)
         options = session_options(threads, optimization, matmulnbits_accuracy_level=matmulnbits_accuracy_level,
                                   exact_int8=exact_int8)
         self.session = _open(self.path, options, self.provider)

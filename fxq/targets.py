@@ -5,12 +5,15 @@ read, whether a conv is fused only with an output quantizer (and of how many bit
 bias in int32, which bit-widths it executes natively, and how the lowering stores what it cannot run natively.
 :data:`TARGETS` is the one list of runtimes fxq knows. Nothing here imports a runtime: the graph passes
 (:mod:`fxq.passes.runtime_prep`) and the PTQ recipe (:func:`fxq.ptq.quantize_ptq`) read the profiles as they
-are, and :mod:`fxq.backends.capabilities` adds what needs onnxruntime (is the execution provider installed,
-which fusion facts hold on it). The ORT CPU entries were measured on onnxruntime 1.32 (see that module).
+are, and :mod:`fxq.backends.capabilities` adds what needs the runtime (is it installed, which fusion facts hold
+on it). The ORT CPU entries were measured on onnxruntime 1.32 (see that module), the OpenVINO entries on
+OpenVINO 2026.4 (:mod:`fxq.backends.openvino_facts`); the TensorRT entries follow NVIDIA's explicit-quantization
+rules (:mod:`fxq.backends.tensorrt_rules`, which cites them and checks a file against them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from fxq.errors import InputError
@@ -20,7 +23,10 @@ from fxq.errors import InputError
 class TargetProfile:
     """How one runtime executes quantized models.
 
-    ``provider``: the onnxruntime execution provider it runs on (a name; nothing is imported);
+    ``provider``: the onnxruntime execution provider it runs on (a name; nothing is imported), or for
+    ``engine="openvino"`` the OpenVINO device; ``engine``: what runs the file ("onnxruntime", "openvino", or
+    "tensorrt": TensorRT's own parser, whose placement rules the lowering checks structurally, so that a file
+    for it is written and checked without TensorRT installed);
     ``activation_symmetric``: the activation symmetry its integer kernels need (True: signed, zero-point 0;
     None: either fuses, the policy decides); ``conv_needs_output_q``: a conv is fused into an integer kernel
     only when its output is quantized (:func:`fxq.passes.runtime_prep.insert_output_quantizers` gives it one,
@@ -30,15 +36,18 @@ class TargetProfile:
     cast); ``cast_narrow_weights``: 2–4-bit weights read with quantized activations are stored int4 and cast
     to int8 for the int8 kernels; ``weight_only_nbits``: weight-only int4 MatMul weights are blocked for
     MatMulNBits; ``activation_storage_bits``: narrower activations are stored at this width (a Clip keeping
-    their range) so that the integer kernels run them; ``space_to_depth_convs``: strided convs on few channels
-    (the stem) run as space-to-depth + a stride-1 conv; ``integer_kernels``: the op types that are integer
-    kernels on this runtime (the lowering report's and ``fxq bench``'s "integer" column); ``verified``:
-    whether the tests check this profile's facts on this machine.
+    their range) so that the integer kernels run them; ``weight_storage_bits``: narrower weights are stored at
+    this width (same integers) for a runtime whose 4-bit weights are weight-only; ``space_to_depth_convs``:
+    strided convs on few channels (the stem) run as space-to-depth + a stride-1 conv; ``qdq_on_weighted_inputs``:
+    activation Q/DQ sit directly on the weighted op's input (moved below Transpose / Reshape); ``integer_kernels``: the
+    op types that are integer kernels on this runtime (the lowering report's and ``fxq bench``'s "integer"
+    column); ``verified``: whether the tests check this profile's facts on this machine.
     """
 
     name: str
     provider: str
     description: str
+    engine: str = "onnxruntime"
     activation_symmetric: bool | None = None
     conv_needs_output_q: bool = False
     output_quantizer_bits: int = 8
@@ -47,7 +56,9 @@ class TargetProfile:
     cast_narrow_weights: bool = False
     weight_only_nbits: bool = False
     activation_storage_bits: int | None = None
+    weight_storage_bits: int | None = None
     space_to_depth_convs: bool = False
+    qdq_on_weighted_inputs: bool = False
     integer_kernels: tuple[str, ...] = ()
     verified: bool = False
 
@@ -63,21 +74,44 @@ _ORT_CPU_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "Mat
                     "QLinearConcat", "QLinearSigmoid", "QLinearGlobalAveragePool", "QLinearAveragePool",
                     "QLinearLeakyRelu")
 
+_ORT_CPU = TargetProfile(
+    "ort-cpu", "CPUExecutionProvider", "onnxruntime CPU: u8 activations × s8 weights through QLinearConv, "
+    "QLinearMatMul and MatMulIntegerToFloat; int4 only through MatMulNBits (weight-only) or as storage",
+    conv_needs_output_q=True, output_quantizer_bits=8, int32_conv_bias=True, native_bits=(8,),
+    cast_narrow_weights=True, weight_only_nbits=True, activation_storage_bits=8, space_to_depth_convs=True,
+    integer_kernels=_ORT_CPU_KERNELS, verified=True)
+
+#: OpenVINO CPU layers ("layer type/runtime precision" of its runtime model) that compute in int8 (a Subgraph is
+#: a fused kernel, e.g. attention's MatMul + Softmax + MatMul), and its compressed-weight FullyConnected.
+_OPENVINO_KERNELS = tuple(f"{layer}/{precision}" for layer in ("Convolution", "GroupConvolution", "FullyConnected",
+                                                               "MatMul", "Subgraph") for precision in ("u8", "i8")) + (
+    "FullyConnected/i4",)
+
+#: TensorRT explicit quantization (:mod:`fxq.backends.tensorrt_rules`): int8 Q/DQ, zero-points 0, per-tensor
+#: activations, per-channel weights on the output axis, float biases, no conv output quantizer required.
+_TENSORRT = TargetProfile(
+    "tensorrt", "TensorrtExecutionProvider", "TensorRT explicit quantization: signed symmetric int8 activations "
+    "(per-tensor), symmetric int8 weights per output channel, Q/DQ on the inputs of Conv / MatMul / Gemm only; "
+    "4-bit weights stored int8 (TensorRT's int4 is weight-only)", engine="tensorrt", activation_symmetric=True,
+    native_bits=(8,), activation_storage_bits=8, weight_storage_bits=8, qdq_on_weighted_inputs=True,
+    integer_kernels=("Conv", "MatMul", "Gemm"))
+
 TARGETS: dict[str, TargetProfile] = {
-    "ort-cpu": TargetProfile(
-        "ort-cpu", "CPUExecutionProvider", "onnxruntime CPU: u8 activations × s8 weights through QLinearConv, "
-        "QLinearMatMul and MatMulIntegerToFloat; int4 only through MatMulNBits (weight-only) or as storage",
-        conv_needs_output_q=True, output_quantizer_bits=8, int32_conv_bias=True, native_bits=(8,),
-        cast_narrow_weights=True, weight_only_nbits=True, activation_storage_bits=8, space_to_depth_convs=True,
-        integer_kernels=_ORT_CPU_KERNELS, verified=True),
+    "ort-cpu": _ORT_CPU,
     "ort-cuda": TargetProfile(
         "ort-cuda", "CUDAExecutionProvider", "onnxruntime CUDA: QDQ nodes run as such (few integer kernels); "
         "int4 MatMul weights through MatMulNBits", weight_only_nbits=True,
         integer_kernels=("MatMulNBits", "QOrderedMatMul")),
-    "ort-tensorrt": TargetProfile(
-        "ort-tensorrt", "TensorrtExecutionProvider", "TensorRT explicit quantization: consumes Q/DQ itself "
-        "(symmetric s8 activations and weights)", activation_symmetric=True, native_bits=(8,),
-        integer_kernels=("TRTKernel",)),
+    "ort-tensorrt": dataclasses.replace(
+        _TENSORRT, name="ort-tensorrt", description="TensorRT through onnxruntime's TensorRT execution provider: the "
+        "file of the tensorrt target, lowered only where that provider is installed", engine="onnxruntime"),
+    "openvino": dataclasses.replace(
+        _ORT_CPU, name="openvino", provider="CPU", engine="openvino", weight_only_nbits=False,
+        integer_kernels=_OPENVINO_KERNELS, description="OpenVINO CPU: the ort-cpu placement (measured fastest there "
+        "too: output-quantized convs and residual adds keep the backbone int8 layer to layer); u8 × s8 Convolution "
+        "and FullyConnected in int8, attention matmuls in fp32 (OpenVINO runs them in int8 only with signed "
+        "inputs, which measured no faster)"),
+    "tensorrt": _TENSORRT,
 }
 
 

@@ -79,11 +79,30 @@ def test_ort_cpu_profile_agrees_with_its_verified_fusion_facts():
 
 def test_every_profile_is_plain_and_named_by_its_key():
     for name, profile in TARGETS.items():
-        assert profile.name == name and profile.provider.endswith("ExecutionProvider")
+        assert profile.name == name and profile.engine in ("onnxruntime", "openvino", "tensorrt")
+        assert profile.provider.endswith("ExecutionProvider") or profile.engine == "openvino"
         assert all(8 <= b <= 16 for b in profile.native_bits)
         assert profile.output_quantizer_bits in (8, 16)
         assert profile.prepares_graph == (profile.conv_needs_output_q or profile.int32_conv_bias)
-    assert [n for n, p in TARGETS.items() if p.prepares_graph] == ["ort-cpu"]
+    assert [n for n, p in TARGETS.items() if p.prepares_graph] == ["ort-cpu", "openvino"]
+
+
+def test_tensorrt_profiles_are_one_placement():
+    """tensorrt (lowered anywhere, rules checked structurally) and ort-tensorrt (through onnxruntime's TensorRT
+    provider) write the same file: signed symmetric activations, no graph preparation, 4-bit weights as int8."""
+    trt, ort_trt = TARGETS["tensorrt"], TARGETS["ort-tensorrt"]
+    assert dataclasses.replace(ort_trt, name="tensorrt", description=trt.description, engine="tensorrt") == trt
+    assert trt.activation_symmetric and not trt.prepares_graph and trt.weight_storage_bits == 8
+
+
+def test_openvino_reuses_the_ort_cpu_placement():
+    """OpenVINO measured fastest with ort-cpu's placement (benchmarks/RESULTS.md, "OpenVINO and TensorRT runtimes"): the two
+    profiles differ only in what runs the file and how its kernels are named."""
+    openvino = TARGETS["openvino"]
+    same = dataclasses.replace(openvino, name="ort-cpu", provider=ORT_CPU.provider, engine="onnxruntime",
+                               description=ORT_CPU.description, integer_kernels=ORT_CPU.integer_kernels,
+                               weight_only_nbits=ORT_CPU.weight_only_nbits)
+    assert same == ORT_CPU
 
 
 def test_target_profile_lookup():

@@ -7,14 +7,19 @@ from typing import Any
 
 from fxq.io import write_atomic, write_json
 
-COLUMNS = ("row", "policy", "median ms", "p90 ms", "× ORT fp32", "file MB", "integer kernels")
+COLUMNS = ("row", "runtime", "policy", "p10 ms", "median ms", "p90 ms", "× ORT fp32", "file MB", "integer kernels")
+FLOAT_ROWS = ("torch", "ort-fp32", "openvino-fp32")
 
 
 def _cell(row: dict[str, Any], column: str) -> str:
     if column == "row":
         return row["name"]
+    if column == "runtime":
+        return row.get("runtime", "onnxruntime")
     if column == "policy":
-        return row.get("policy", "fp32" if row["name"] in ("torch", "ort-fp32") else "W8A8 (ORT)")
+        return row.get("policy", "fp32" if row["name"] in FLOAT_ROWS else "W8A8 (ORT)")
+    if column == "p10 ms":
+        return f"{row['p10_ms']:.1f}" if "p10_ms" in row else "–"
     if column == "median ms":
         return f"{row['median_ms']:.1f}"
     if column == "p90 ms":
@@ -30,9 +35,12 @@ def _cell(row: dict[str, Any], column: str) -> str:
 def markdown_table(result: dict[str, Any]) -> str:
     """The rows of a :func:`fxq.bench.suite.run_bench` result as a markdown table, with its setting."""
     lines = [f"`{result['command']}`", ""] if result.get("command") else []
+    openvino = f", OpenVINO {result['openvino']}" if result.get("openvino") else ""
+    turns = (f" in {result['rounds']} interleaved rounds (torch: in this process, before them)"
+             if result.get("rounds") else "")
     lines += [f"{result['model']}, 1×3×{result['size'][0]}×{result['size'][1]}, {result['threads']} threads, "
-             f"{result['provider']}, median of {result['runs']} runs after {result['warmup']} warm-up; "
-             f"onnxruntime {result['onnxruntime']}, torch {result['torch']}, {result['machine']}", "",
+             f"{result['provider']}, {result['runs']} timed runs per row after {result['warmup']} warm-up{turns}; "
+             f"onnxruntime {result['onnxruntime']}{openvino}, torch {result['torch']}, {result['machine']}", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(_cell(row, c) for c in COLUMNS) + " |" for row in result["rows"]]
     return "\n".join(lines)

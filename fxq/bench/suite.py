@@ -11,7 +11,10 @@ The rows (:data:`ROWS`), all built from one float graph and one set of real imag
   :func:`fxq.backends.runtime_lower.lower_for_runtime`;
 - ``fxq-mixed``: fxq W4A8 (4-bit weights; the stem conv, attention matmuls and activations at 8 bits; heads
   float — :data:`fxq.passes.policy.DEFAULT_OVERRIDES`), same preparation;
-- ``fxq-int8-plain``: fxq W8A8, the plain recipe through the plain QDQ lowering, for comparison.
+- ``fxq-int8-plain``: fxq W8A8, the plain recipe through the plain QDQ lowering, for comparison;
+- ``openvino-fp32`` / ``openvino-fxq-int8``: the float export, and fxq W8A8 quantized and lowered for the
+  ``openvino`` target, run by OpenVINO CPU (fp32 float layers) instead of onnxruntime — timed in the same turns
+  as the other rows, not profiled (needs ``pip install openvino``).
 
 The "integer kernels" column counts the op types of the runtime's profile
 (:attr:`fxq.targets.TargetProfile.integer_kernels`) in the graph onnxruntime runs.
@@ -35,6 +38,8 @@ import torch.nn.functional as F
 from fxq.backends.capabilities import runtime_of_provider
 from fxq.backends.fusion_probes import optimized_model
 from fxq.backends.lower_qdq import lower_to_onnx
+from fxq.backends.openvino_facts import layer_counts
+from fxq.backends.openvino_session import openvino_version, require_openvino
 from fxq.backends.runtime_lower import lower_for_runtime
 from fxq.bench.ort_quantize import ort_quantize_static
 from fxq.bench.timing import (
@@ -53,8 +58,11 @@ from fxq.passes.policy import DEFAULT_OVERRIDES
 from fxq.ptq import float_graph, quantize_ptq
 from fxq.targets import TARGETS
 
-ROWS = ("torch", "ort-fp32", "ort-qdq", "ort-qoperator", "fxq-int8", "fxq-mixed", "fxq-int8-plain")
-POLICIES = {"fxq-int8": "W8A8", "fxq-mixed": "W4A8", "fxq-int8-plain": "W8A8"}
+ROWS = ("torch", "ort-fp32", "ort-qdq", "ort-qoperator", "fxq-int8", "fxq-mixed", "fxq-int8-plain", "openvino-fp32",
+        "openvino-fxq-int8")
+POLICIES = {"fxq-int8": "W8A8", "fxq-mixed": "W4A8", "fxq-int8-plain": "W8A8", "openvino-fxq-int8": "W8A8"}
+#: Rows run by OpenVINO (the others by onnxruntime on the configured provider).
+OPENVINO_ROWS = ("openvino-fp32", "openvino-fxq-int8")
 #: The allocation's latency table measures each node at each bit-width: no node is pinned to 8 bits.
 TABLE_OVERRIDES = {pattern: policy for pattern, policy in DEFAULT_OVERRIDES.items() if policy is None}
 
@@ -64,6 +72,8 @@ def check_rows(rows: Sequence[str]) -> list[str]:
     unknown = [r for r in rows if r not in ROWS]
     if unknown or not rows:
         raise InputError(f"unknown bench row(s) {unknown or rows}; choose from {', '.join(ROWS)}")
+    if any(r in OPENVINO_ROWS for r in rows):
+        require_openvino()
     return [r for r in ROWS if r in rows]
 
 
@@ -114,7 +124,10 @@ class BenchConfig:
 
 def _kernels(path: Path, runtime: str) -> dict[str, int]:
     profile = TARGETS[runtime]
-    ops = Counter(n.op_type for n in optimized_model(path, profile.provider).graph.node)
+    if profile.engine == "openvino":
+        ops = Counter(layer_counts(path))
+    else:
+        ops = Counter(n.op_type for n in optimized_model(path, profile.provider).graph.node)
     return {op: ops[op] for op in profile.integer_kernels if ops[op]}
 
 
@@ -148,16 +161,21 @@ class _Suite:
             lower_to_onnx(self.float_gm, self.input, path, opset=17)
         return path
 
+    def row_runtime(self, name: str) -> str:
+        """The runtime target a row is quantized for and run on."""
+        return "openvino" if name in OPENVINO_ROWS else self.runtime
+
     def fxq_model(self, name: str) -> Path:
         policy = POLICIES[name]
         self.c.log(f"quantizing {name} ({policy})")
         path = self.folder / f"{self.c.model}-{name}.onnx"
+        runtime = self.row_runtime(name)
         if name.endswith("-plain"):
             gm = quantize_ptq(self.float_gm, self.calibration, policy, progress=False)
             self.lowering[name] = lower_to_onnx(gm, self.input, path).to_dict()
         else:
-            gm = quantize_ptq(self.float_gm, self.calibration, policy, progress=False, target=self.runtime)
-            report = lower_for_runtime(gm, self.input, path, self.runtime)
+            gm = quantize_ptq(self.float_gm, self.calibration, policy, progress=False, target=runtime)
+            report = lower_for_runtime(gm, self.input, path, runtime)
             self.lowering[name] = {k: v for k, v in report.to_dict().items() if k not in ("nodes", "node_names")}
             self.lowering[name]["float_nodes"] = report.float_nodes
         self.extra[name] = {"policy": policy}
@@ -174,11 +192,11 @@ class _Suite:
         """Every requested ONNX row's model file, built in row order."""
         paths = {}
         for name in check_rows(self.c.rows):
-            if name == "ort-fp32":
+            if name in ("ort-fp32", "openvino-fp32"):
                 paths[name] = self.float_onnx()
             elif name.startswith("ort-"):
                 paths[name] = self.ort_model(name)
-            elif name.startswith("fxq-"):
+            elif name.startswith(("fxq-", "openvino-fxq-")):
                 paths[name] = self.fxq_model(name)
         return paths
 
@@ -199,14 +217,18 @@ class _Suite:
             c.log("timing torch (eager, this process)")
             timings["torch"] = time_torch(self.model, self.input, c.threads, c.warmup, c.runs)
         c.log(f"timing {', '.join(paths)} in turns" + (", then profiling each" if c.profile_runs else ""))
+        providers = {name: "openvino" for name in paths if name in OPENVINO_ROWS}
         onnx_timings, profiles = self.isolated(measure_models, paths, self.input, c.provider, c.threads, c.warmup,
-                                               c.runs, c.rounds, c.profile_runs)
+                                               c.runs, c.rounds, c.profile_runs, providers)
         timings.update(onnx_timings)
         for name in rows:
             path = paths.get(name)
-            file_info = {"file": path.name, "file_bytes": _file_bytes(path), "kernels": _kernels(path, self.runtime)} \
+            file_info = {"file": path.name, "file_bytes": _file_bytes(path),
+                         "kernels": _kernels(path, self.row_runtime(name))} \
                 if path else {"file": None, "file_bytes": None, "kernels": {}}
-            self.rows.append({"name": name, **file_info, **timings[name].to_dict(), **self.extra.get(name, {})})
+            runtime = "torch" if name == "torch" else TARGETS[self.row_runtime(name)].engine
+            self.rows.append({"name": name, "runtime": runtime, **file_info, **timings[name].to_dict(),
+                              **self.extra.get(name, {})})
             if name in profiles:
                 self.profile(name, profiles[name])
         reference = timings["ort-fp32"].median_ms if "ort-fp32" in timings else None
@@ -239,8 +261,9 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": config.model, "size": list(config.size), "threads": config.threads, "provider": config.provider,
         "warmup": config.warmup, "runs": config.runs, "calibration_images": config.calib_images,
-        "images": os.fspath(config.images), "onnxruntime": ort.__version__, "torch": torch.__version__,
-        "machine": _machine(), "rows": suite.rows, "profiles": suite.profiles, "lowering": suite.lowering,
+        "images": os.fspath(config.images), "rounds": config.rounds, "onnxruntime": ort.__version__,
+        "openvino": openvino_version(), "torch": torch.__version__, "machine": _machine(),
+        "rows": suite.rows, "profiles": suite.profiles, "lowering": suite.lowering,
         "work_dir": str(suite.folder),
     }
     if config.latency_bits:

@@ -1,12 +1,13 @@
-"""Latency measurement: timed runs (warm-up, N runs, median / p90), onnxruntime profiles as per-node time
+"""Latency measurement: timed runs (warm-up, N runs, p10 / median / p90), onnxruntime profiles as per-node time
 tables, and the per-node latency table the allocation pass takes.
 
 Timing: ``warmup`` untimed calls, then ``runs`` calls each timed with ``time.perf_counter`` around one
 inference on the same input. Several models are compared by timing them in turns
-(:func:`time_onnx_interleaved`), in a fresh process (:func:`in_fresh_process`). Profiling: a separate
-session with ``SessionOptions.enable_profiling`` runs the model ``warmup + runs`` times; each ``Node`` event's
-``dur`` (µs, the kernel time) is summed per node over the last ``runs`` and divided by them. Profiling adds
-overhead, so the timed numbers never come from a profiled session.
+(:func:`time_onnx_interleaved`), in a fresh process (:func:`in_fresh_process`); each model runs on its own
+provider (an onnxruntime provider or "openvino", :func:`fxq.backends.runtime_session.open_session`).
+Profiling (onnxruntime only): a separate session with ``SessionOptions.enable_profiling`` runs the model
+``warmup + runs`` times; each ``Node`` event's ``dur`` (µs, the kernel time) is summed per node over the
+last ``runs`` and divided by them. Profiling adds overhead, so the timed numbers never come from a profiled session.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from fxq.backends.node_map import runtime_name
+from fxq.backends.runtime_session import feed_call, is_openvino, open_session
 from fxq.backends.session import OrtSession, inference_session
 from fxq.errors import InputError
 
@@ -36,7 +38,7 @@ T = TypeVar("T")
 
 @dataclass
 class Timing:
-    """Wall-clock milliseconds of ``runs`` timed calls after ``warmup`` untimed ones."""
+    """Wall-clock milliseconds of ``runs`` timed calls after ``warmup`` untimed ones (percentiles nearest-rank)."""
 
     median_ms: float
     p90_ms: float
@@ -44,6 +46,8 @@ class Timing:
     min_ms: float
     runs: int
     warmup: int
+    p10_ms: float = 0.0
+    rounds: int = 1
 
     def to_dict(self) -> dict[str, float | int]:
         """Rounded values for JSON."""
@@ -70,10 +74,8 @@ def time_calls(fn: Callable[[], object], warmup: int = 5, runs: int = 20) -> Tim
 
 def time_onnx(path: str | os.PathLike, images: torch.Tensor, provider: str = "cpu", threads: int | None = None,
               warmup: int = 5, runs: int = 20) -> Timing:
-    """Timing of onnxruntime inference of the model at ``path`` on ``images``."""
-    session = OrtSession(path, provider, threads=threads)
-    feed = {session.input_names[0]: np.ascontiguousarray(images.detach().cpu().float().numpy())}
-    return time_calls(lambda: session.session.run(None, feed), warmup, runs)
+    """Timing of inference of the model at ``path`` on ``images`` (``provider``: onnxruntime's or "openvino")."""
+    return time_calls(feed_call(open_session(path, provider, threads=threads), images), warmup, runs)
 
 
 def time_torch(module: torch.nn.Module, images: torch.Tensor, threads: int | None = None, warmup: int = 5,
@@ -148,15 +150,16 @@ def op_times(nodes: list[NodeTime]) -> dict[str, float]:
 
 
 def time_onnx_interleaved(paths: Mapping[str, str | os.PathLike], images: torch.Tensor, provider: str = "cpu",
-                          threads: int | None = None, warmup: int = 5, runs: int = 20,
-                          rounds: int = 5) -> dict[str, Timing]:
+                          threads: int | None = None, warmup: int = 5, runs: int = 20, rounds: int = 5,
+                          providers: Mapping[str, str] | None = None) -> dict[str, Timing]:
     """Timings of several models measured in turns: ``warmup`` calls each, then ``rounds`` rounds in which
     every model runs ``runs / rounds`` timed calls (rounded up), so that a machine whose speed drifts (as this
-    2-core VM's does, by up to 40% within a minute) affects every model alike."""
+    2-core VM's does, by up to 40% within a minute) affects every model alike. ``providers`` overrides
+    ``provider`` per model (e.g. "openvino" for some)."""
     _check_counts(warmup, runs)
-    sessions = {name: OrtSession(path, provider, threads=threads) for name, path in paths.items()}
-    feed = np.ascontiguousarray(images.detach().cpu().float().numpy())
-    calls = {name: (lambda s=s: s.session.run(None, {s.input_names[0]: feed})) for name, s in sessions.items()}
+    chosen = {name: (providers or {}).get(name, provider) for name in paths}
+    calls = {name: feed_call(open_session(path, chosen[name], threads=threads), images)
+             for name, path in paths.items()}
     for call in calls.values():
         time_calls(call, warmup, 1)
     per_round = -(-runs // max(1, rounds))
@@ -167,24 +170,30 @@ def time_onnx_interleaved(paths: Mapping[str, str | os.PathLike], images: torch.
                 start = time.perf_counter()
                 call()
                 times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: _timing(values, warmup) for name, values in times.items()}
+    return {name: _timing(values, warmup, rounds) for name, values in times.items()}
 
 
 def measure_models(paths: Mapping[str, str | os.PathLike], images: torch.Tensor, provider: str = "cpu",
                    threads: int | None = None, warmup: int = 5, runs: int = 20, rounds: int = 5,
-                   profile_runs: int = 0) -> tuple[dict[str, Timing], dict[str, list[NodeTime]]]:
+                   profile_runs: int = 0, providers: Mapping[str, str] | None = None,
+                   ) -> tuple[dict[str, Timing], dict[str, list[NodeTime]]]:
     """Timings of the models (in turns, :func:`time_onnx_interleaved`), then, when ``profile_runs``, each
-    model's per-node profile."""
-    timings = time_onnx_interleaved(paths, images, provider, threads, warmup, runs, rounds)
-    profiles = {name: profile_onnx(path, images, provider, threads, profile_runs) for name, path in paths.items()
-                if profile_runs}
+    onnxruntime model's per-node profile (OpenVINO models are timed only)."""
+    timings = time_onnx_interleaved(paths, images, provider, threads, warmup, runs, rounds, providers)
+    chosen = {name: (providers or {}).get(name, provider) for name in paths}
+    profiles = {name: profile_onnx(path, images, chosen[name], threads, profile_runs) for name, path in paths.items()
+                if profile_runs and not is_openvino(chosen[name])}
     return timings, profiles
 
 
-def _timing(times: list[float], warmup: int) -> Timing:
+def _nearest_rank(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, max(0, int(np.ceil(q * len(ordered))) - 1))]
+
+
+def _timing(times: list[float], warmup: int, rounds: int = 1) -> Timing:
     ordered = sorted(times)
-    p90 = ordered[min(len(ordered) - 1, int(np.ceil(0.9 * len(ordered))) - 1)]
-    return Timing(statistics.median(times), p90, statistics.fmean(times), ordered[0], len(times), warmup)
+    return Timing(statistics.median(times), _nearest_rank(ordered, 0.9), statistics.fmean(times), ordered[0],
+                  len(times), warmup, _nearest_rank(ordered, 0.1), rounds)
 
 
 def in_fresh_process(fn: Callable[..., T], *args: object) -> T:

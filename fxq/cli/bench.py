@@ -1,5 +1,6 @@
 """``fxq bench MODEL``: latency of torch eager, ORT fp32, ORT quantize_static (QDQ, QOperator), fxq int8 and
-fxq mixed precision side by side, with file sizes, per-node profiles and the allocation's latency table."""
+fxq mixed precision side by side (and, with ``--rows``, OpenVINO fp32 and fxq int8 lowered for OpenVINO), with
+p10 / median / p90 over interleaved rounds, file sizes, per-node profiles and the allocation's latency table."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import argparse
 import shlex
 from pathlib import Path
 
-ROW_HELP = "torch, ort-fp32, ort-qdq, ort-qoperator, fxq-int8, fxq-mixed, fxq-int8-plain"
+ROW_HELP = ("torch, ort-fp32, ort-qdq, ort-qoperator, fxq-int8, fxq-mixed, fxq-int8-plain, openvino-fp32, "
+            "openvino-fxq-int8 (the openvino rows need pip install openvino)")
 DEFAULT_ROWS = ["torch", "ort-fp32", "ort-qdq", "ort-qoperator", "fxq-int8", "fxq-mixed"]
 
 
@@ -25,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bench", help="time float and quantized models on onnxruntime side by side",
         description="Build MODEL, export it, quantize it with onnxruntime's quantize_static and with fxq (W8A8 and "
                     "W4A8 mixed, lowered for the runtime), calibrate on real images, and time every row on the "
-                    "same image: warm-up, N runs, median and p90; profile each ONNX row per node.")
+                    "same image: warm-up, N runs in interleaved rounds, p10 / median / p90; profile each "
+                    "onnxruntime row per node.")
     p.add_argument("model", help="model name (see `fxq inspect --list`)")
     p.add_argument("--images", default=_default_images(),
                    help="COCO folder: calibration and input images (default: ../shared/data/coco-val2017-fixture)")

@@ -31,9 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="calibration batch size (default 4)")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; int4 needs 21)")
     p.add_argument("--static", action="store_true", help="fix batch, height and width to the example's")
-    p.add_argument("--runtime", help="place precision for this runtime (e.g. ort-cpu): output quantizers and int32 "
-                                     "conv biases where its integer kernels need them, 4-bit weights cast to "
-                                     "int8 kernels; the report lists the kernel each quantized node runs on")
+    p.add_argument("--runtime", help="place precision for this runtime (ort-cpu, openvino, tensorrt, ...): output "
+                                     "quantizers and int32 conv biases where its integer kernels need them, 4-bit "
+                                     "weights cast to int8 kernels; tensorrt: TensorRT's explicit-quantization "
+                                     "rules, checked on the file; the report lists the kernel each quantized node "
+                                     "runs on")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="leave out calibration images that cannot be decoded (reports how many)")
@@ -163,11 +165,11 @@ def _stamps(out: str) -> dict[Path, tuple[int, int]]:
 def _check_outputs(out: str, example) -> None:
     """InputError when the written ONNX model's outputs on ``example`` hold NaN or inf, naming the first output."""
     import numpy as np
-    import onnxruntime as ort
 
+    from fxq.backends.session import inference_session, session_options
     from fxq.errors import InputError
 
-    session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    session = inference_session(out, session_options(exact_int8=False), "CPUExecutionProvider")
     if len(session.get_inputs()) != 1:
         return
     feed = {session.get_inputs()[0].name: example.numpy()}
