@@ -96,8 +96,8 @@ def test_tensorrt_profiles_are_one_placement():
 
 
 def test_openvino_reuses_the_ort_cpu_placement():
-    """OpenVINO measured fastest with ort-cpu's placement (benchmarks/RESULTS.md, "OpenVINO and TensorRT runtimes"): the two
-    profiles differ only in what runs the file and how its kernels are named."""
+    """OpenVINO measured fastest with ort-cpu's placement (benchmarks/RESULTS.md, "OpenVINO and TensorRT
+    runtimes"): the two profiles differ only in what runs the file and how its kernels are named."""
     openvino = TARGETS["openvino"]
     same = dataclasses.replace(openvino, name="ort-cpu", provider=ORT_CPU.provider, engine="onnxruntime",
                                description=ORT_CPU.description, integer_kernels=ORT_CPU.integer_kernels,
