@@ -140,3 +140,19 @@ def test_run_needs_a_batched_image_tensor(lowered):
         session.run(np.zeros((1, 3, 64, 64), np.float32))
     with pytest.raises(fxq.InputError, match="could not run"):
         session.run(torch.zeros(1, 4, 64, 64))
+
+
+@pytest.mark.parametrize("flags, machine, expected", [
+    ("fpu sse2 avx2 fma", "x86_64", True),  # AVX2 without VNNI: u8×s8 pair sums saturate
+    ("fpu avx2 avx512f avx512_vnni", "x86_64", False),
+    ("fpu avx2 avx_vnni", "AMD64", False),
+    ("fp asimd", "aarch64", False),  # the option is x86-only
+])
+def test_the_exact_int8_option_is_set_only_on_x86_cpus_without_vnni(flags, machine, expected):
+    from fxq.backends.session import EXACT_INT8_OPTION, needs_exact_int8, session_options
+
+    cpuinfo = f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    assert needs_exact_int8(cpuinfo, machine) is expected
+    forced = session_options(exact_int8=True).get_session_config_entry(EXACT_INT8_OPTION)
+    auto = session_options().get_session_config_entry(EXACT_INT8_OPTION)
+    assert forced == "1" and auto == ("1" if needs_exact_int8() else "0")
