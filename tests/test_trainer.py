@@ -273,8 +273,11 @@ def test_traced_graph_trains_as_the_eager_model(detr_tiny, tmp_path):
     eager_params, graph_params = dict(eager.named_parameters()), dict(graph.named_parameters())
     assert eager_params.keys() == graph_params.keys()
     for name, p in eager_params.items():  # the last step's (clipped) gradients, and the weights after it
-        assert torch.allclose(graph_params[name].grad, p.grad, rtol=1e-4, atol=1e-8), name
-        assert torch.allclose(graph_params[name], p, rtol=1e-4, atol=1e-7), name
+        scale = float(p.grad.abs().max())  # to 0.01% of the tensor's largest gradient: rounding, not a bug
+        assert torch.allclose(graph_params[name].grad, p.grad, rtol=1e-4, atol=1e-4 * scale + 1e-12), name
+        # Adam steps a weight by about lr whatever its gradient's size, so float-rounding noise in near-zero
+        # gradients (CPU-dependent: 2e-6 on an AMX Xeon) moves weights apart by a small fraction of one step
+        assert torch.allclose(graph_params[name], p, rtol=1e-4, atol=1e-2 * 1e-3), name
 
 
 def test_padded_batch_for_an_images_only_graph_is_refused(detr_tiny, tmp_path):
