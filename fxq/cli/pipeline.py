@@ -2,7 +2,7 @@
 (or a uniform policy), PTQ, accuracy of the quantized graph, runtime-aware ONNX export, onnxruntime parity and
 accuracy, latency with a per-op-type profile, report.
 
-Defaults run in about a minute on 2 cores: the embedded tiny Deformable DETR, a fresh synthetic set (seed 1, so images
+Defaults run in under a minute on 2 cores: the embedded tiny Deformable DETR, a fresh synthetic set (seed 1, so images
 the model never saw), W8A8 with min-max calibration, prepared for ORT CPU. Options come from the flags, else from a
 --recipe YAML file, else from the defaults (--print-recipe prints the recipe the arguments give). Each stage writes
 its files into OUT (fxq/cli/pipeline_run.py lists them); a rerun keeps the stages whose inputs did not change
