@@ -181,6 +181,7 @@ def test_an_interrupted_run_keeps_the_finished_stages_and_the_next_run_continues
     (["--candidates", "0", "4"], "--candidates 0 4: bit-widths are 1..16"),
     (["--latency-runs", "0", "--from", "latency"], "this run has no latency stage"),
     (["--from", "nowhere"], "invalid choice: 'nowhere'"),
+    (["--critical", "foo"], "unknown category 'foo'"),  # the synthetic set is not written yet
     (["--allocation", "{other}"], "node 'not_in_detr_tiny' does not exist here"),
 ])
 def test_bad_stage_options_are_one_error_before_any_stage(tmp_path, capsys, extra, expected, budget_run):

@@ -74,10 +74,14 @@ class PipelineRun:
     def check_inputs(self) -> None:
         """InputError, before any stage runs, for critical categories the data set lacks and an allocation
         file made for another model or input size (the float graph is traced to check it)."""
+        from fxq.data import resolve_categories
+        from fxq.data.synth import synth_categories
         from fxq.passes.precision import annotated_copy
 
         if self.args.data:
             self.critical  # noqa: B018 - resolving the names is the check
+        else:  # the synthetic set's categories are known before it is written
+            resolve_categories({"categories": synth_categories()}, self.args.critical)
         if self.args.allocation:
             annotated_copy(self.fgm, None, self.args.allocation)
 
