@@ -82,7 +82,8 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-images", action=Given, type=int, default=100, help="evaluation images (val split)")
     p.add_argument("--size", action=Given, type=int, default=160, help="input side in pixels")
     p.add_argument("--runtime", action=Given, default="ort-cpu",
-                   help="runtime the quantized ONNX file is prepared for (ort-cpu; none: plain QDQ)")
+                   help="runtime the quantized ONNX file is prepared for (ort-cpu, openvino, tensorrt, ...: "
+                        "fxq.targets.TARGETS; none: plain QDQ); parity and latency run it on onnxruntime CPU")
     p.add_argument("--latency-runs", action=Given, type=int, default=20,
                    help="timed runs of each ONNX file, interleaved (0: no latency stage)")
     p.add_argument("--threads", action=Given, type=int, default=None,
