@@ -82,6 +82,7 @@ def _check_args(args: argparse.Namespace) -> None:
     """Every option in range, consistent and every path usable, before the model is built."""
     from fxq.cli.checks import (
         check_at_least,
+        check_budget,
         check_checkpoint,
         check_input_file,
         check_input_folder,
@@ -92,16 +93,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
     check_size(args.size)
     check_at_least(args, {"images": 1, "batch_size": 1, "probes": 1, "threads": 1, "alpha": 0.0, "seed": 0})
-    if not args.budget > 0 or args.budget != args.budget or args.budget == float("inf"):
-        raise InputError(f"--budget {args.budget}: give a finite number > 0 in --budget-kind units")
-    bad = [b for b in args.candidates if not 1 <= b <= 16]
-    if bad:
-        raise InputError(f"--candidates {' '.join(map(str, args.candidates))}: bit-widths are 1..16 (e.g. 2 4 8)")
-    if args.budget_kind == "latency" and not args.latency_table:
-        raise InputError("--budget-kind latency needs --latency-table FILE (write one with "
-                         "`fxq bench MODEL --latency-table FILE`)")
-    if args.latency_table and args.budget_kind != "latency":
-        raise InputError(f"--latency-table goes with --budget-kind latency (got --budget-kind {args.budget_kind})")
+    check_budget(args)
     if args.objective in ("critical", "combined") and not args.critical and not args.analysis:
         raise InputError(f"--objective {args.objective} needs --critical NAME ...: the categories whose loss "
                          "L_F the Fisher analysis measures")

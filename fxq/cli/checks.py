@@ -88,3 +88,18 @@ def check_checkpoint(path: str | os.PathLike | None, flag: str = "--checkpoint")
                              "Face model folder (save_pretrained's config.json + model.safetensors)")
         return
     check_input_file(path, flag)
+
+
+def check_budget(args: argparse.Namespace) -> None:
+    """The allocation options of ``args`` (``budget``, None where the command allows it; ``candidates``,
+    ``budget_kind``, ``latency_table``) in range and consistent."""
+    if args.budget is not None and not 0 < args.budget < math.inf:
+        raise InputError(f"--budget {args.budget}: give a finite number > 0 in --budget-kind units")
+    bad = [b for b in args.candidates if not 1 <= b <= 16]
+    if bad or not args.candidates:
+        raise InputError(f"--candidates {' '.join(map(str, args.candidates))}: bit-widths are 1..16 (e.g. 2 4 8)")
+    if args.budget_kind == "latency" and not args.latency_table:
+        raise InputError("--budget-kind latency needs --latency-table FILE (write one with "
+                         "`fxq bench MODEL --latency-table FILE`)")
+    if args.latency_table and args.budget_kind != "latency":
+        raise InputError(f"--latency-table goes with --budget-kind latency (got --budget-kind {args.budget_kind})")

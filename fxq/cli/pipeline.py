@@ -179,22 +179,13 @@ def _check_qat(args: argparse.Namespace) -> None:
 
 
 def _check_budget(args: argparse.Namespace) -> None:
+    from fxq.cli.checks import check_budget
     from fxq.errors import InputError
 
-    if args.budget is not None:
-        if args.allocation:
-            raise InputError(f"give --budget (the pipeline allocates) or --allocation {args.allocation} (a saved "
-                             "allocation), not both")
-        if not 0 < args.budget < float("inf"):
-            raise InputError(f"--budget {args.budget}: give a finite number > 0 in --budget-kind units")
-    bad = [b for b in args.candidates if not 1 <= b <= 16]
-    if bad or not args.candidates:
-        raise InputError(f"--candidates {' '.join(map(str, args.candidates))}: bit-widths are 1..16 (e.g. 2 4 8)")
-    if args.budget_kind == "latency" and not args.latency_table:
-        raise InputError("--budget-kind latency needs --latency-table FILE (write one with "
-                         "`fxq bench MODEL --latency-table FILE`)")
-    if args.latency_table and args.budget_kind != "latency":
-        raise InputError(f"--latency-table goes with --budget-kind latency (got --budget-kind {args.budget_kind})")
+    if args.budget is not None and args.allocation:
+        raise InputError(f"give --budget (the pipeline allocates) or --allocation {args.allocation} (a saved "
+                         "allocation), not both")
+    check_budget(args)
 
 
 def _claim(out: Path, overwrite: bool) -> None:
