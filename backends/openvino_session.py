@@ -22,6 +22,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from fxq.backends.session import image_array
 from fxq.errors import InputError
 
 #: OpenVINO devices by short name (only CPU is known to fxq).
@@ -137,13 +138,8 @@ class OpenVinoSession:
 
     def run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The model's outputs (``pred_logits``, ``pred_boxes``) as CPU torch tensors for images [B, 3, H, W]."""
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise InputError(f"images must be a float tensor [B, 3, H, W], got {got}")
-        if len(self.input_names) != 1:
-            raise InputError(f"the model takes inputs {self.input_names}; OpenVinoSession.run feeds images only")
+        feed = image_array(images, self.input_names, "OpenVinoSession")
         self._check_channels(images)
-        feed = np.ascontiguousarray(images.detach().cpu().to(torch.float32).numpy())
         try:
             results = self.request.infer({self.input_names[0]: feed})
         except Exception as exc:  # shape or type mismatches from OpenVINO

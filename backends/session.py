@@ -139,6 +139,17 @@ def _check_tensorrt_placement(path: Path) -> None:
                          "fxq export --runtime tensorrt")
 
 
+def image_array(images: torch.Tensor, input_names: list[str], session: str) -> np.ndarray:
+    """``images`` [B, 3, H, W] as the contiguous float32 array a session feeds its one input; InputError for
+    another shape or dtype, or a model with other inputs (``session``: the class named in the error)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise InputError(f"images must be a float tensor [B, 3, H, W], got {got}")
+    if len(input_names) != 1:
+        raise InputError(f"the model takes inputs {input_names}; {session}.run feeds images only")
+    return np.ascontiguousarray(images.detach().cpu().to(torch.float32).numpy())
+
+
 class OrtSession:
     """An onnxruntime InferenceSession on ``provider`` ("cpu", "cuda", "tensorrt") for an ONNX detector.
 
@@ -165,12 +176,7 @@ class OrtSession:
 
     def run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The model's outputs (``pred_logits``, ``pred_boxes``) as CPU torch tensors for images [B, 3, H, W]."""
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise InputError(f"images must be a float tensor [B, 3, H, W], got {got}")
-        if len(self.input_names) != 1:
-            raise InputError(f"the model takes inputs {self.input_names}; OrtSession.run feeds images only")
-        feed = {self.input_names[0]: np.ascontiguousarray(images.detach().cpu().to(torch.float32).numpy())}
+        feed = {self.input_names[0]: image_array(images, self.input_names, "OrtSession")}
         try:
             outputs = self.session.run(self.output_names, feed)
         except Exception as exc:  # shape or type mismatches from onnxruntime
