@@ -96,17 +96,22 @@ def deformable(tmp_path_factory, image):
     return folder, _save(transformers.DeformableDetrForObjectDetection(config), folder, image, 2)
 
 
+def _small_deformable_config(**extra) -> transformers.DeformableDetrConfig:
+    """A reduced Deformable DETR: ResNet-18 of width 16, 2 levels, d_model 64, 2+2 layers, 20 queries."""
+    backbone = _resnet(layer_type="basic", depths=[2, 2, 2, 2], embedding_size=16, hidden_sizes=[16, 32, 64, 128],
+                       out_features=["stage3", "stage4"])
+    return transformers.DeformableDetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, id2label=LABELS, backbone_config=backbone,
+        d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        encoder_attention_heads=4, decoder_attention_heads=4, num_queries=20, num_feature_levels=2, **extra)
+
+
 @pytest.fixture(scope="module")
 def small_deformable(tmp_path_factory, image):
     """A reduced single-stage Deformable DETR (ResNet-18 of width 16, 2 levels, d_model 64, no box
     refinement): (folder, its outputs, the Transformers model)."""
     torch.manual_seed(0)
-    backbone = _resnet(layer_type="basic", depths=[2, 2, 2, 2], embedding_size=16, hidden_sizes=[16, 32, 64, 128],
-                       out_features=["stage3", "stage4"])
-    config = transformers.DeformableDetrConfig(
-        use_timm_backbone=False, use_pretrained_backbone=False, id2label=LABELS, backbone_config=backbone,
-        d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
-        encoder_attention_heads=4, decoder_attention_heads=4, num_queries=20, num_feature_levels=2)
+    config = _small_deformable_config()
     folder = tmp_path_factory.mktemp("hf") / "small"
     model = transformers.DeformableDetrForObjectDetection(config)
     return folder, _save(model, folder, image, 3), model
@@ -129,13 +134,7 @@ def small_two_stage(tmp_path_factory, image):
     """A reduced two-stage Deformable DETR (as ``small_deformable``, with box refinement and 15 proposals;
     ``num_queries`` 20, which two-stage ignores): (folder, its outputs, the Transformers model)."""
     torch.manual_seed(0)
-    backbone = _resnet(layer_type="basic", depths=[2, 2, 2, 2], embedding_size=16, hidden_sizes=[16, 32, 64, 128],
-                       out_features=["stage3", "stage4"])
-    config = transformers.DeformableDetrConfig(
-        use_timm_backbone=False, use_pretrained_backbone=False, id2label=LABELS, backbone_config=backbone,
-        d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
-        encoder_attention_heads=4, decoder_attention_heads=4, num_queries=20, num_feature_levels=2,
-        with_box_refine=True, two_stage=True, two_stage_num_proposals=15)
+    config = _small_deformable_config(with_box_refine=True, two_stage=True, two_stage_num_proposals=15)
     folder = tmp_path_factory.mktemp("hf") / "small_two_stage"
     model = transformers.DeformableDetrForObjectDetection(config)
     return folder, _save(model, folder, image, 4), model
