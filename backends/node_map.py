@@ -13,7 +13,10 @@ rewritten FX graph says nothing about the FX node. The lowering does know where 
 Renamed nodes are called by their FX node name (the bias Add ``<name>/bias``); onnxruntime keeps a fused
 node's name from the node it replaces, so its profiles name FX nodes. A weight's own nodes keep their names
 (``<weight quantizer>/DequantizeLinear``, ``/Cast``) and map to the FX node reading the weight. Float
-(unquantized) nodes are not mapped. At the "all" optimization level onnxruntime's NHWC transformer appends
+(unquantized) nodes are not renamed; :func:`float_node_names` maps the conv / linear nodes of a float export by
+their weight tensors instead (an ONNX Conv / MatMul / Gemm whose weight initializer holds exactly the FX node's
+weight, or for MatMul its transpose), with a linear's bias Add; onnxruntime's NCHWc transformer renames a float
+Conv after its output tensor (``<output>_nchwc``, the output of the Add / Relu it fused), so those names map too. At the "all" optimization level onnxruntime's NHWC transformer appends
 ``_token_<n>`` to the names of the nodes it re-lays out; :func:`runtime_name` strips it.
 """
 
@@ -80,6 +83,55 @@ def fx_node_names(model: onnx.ModelProto, gm: torch.fx.GraphModule) -> dict[str,
             if key in by_inputs:
                 mapping[node.name] = by_inputs[key]
     return mapping
+
+
+def float_node_names(model: onnx.ModelProto, gm: torch.fx.GraphModule) -> dict[str, str]:
+    """{ONNX node name: FX node name} for the conv / linear nodes of a float export of ``gm`` (and linear bias
+    Adds), matched by weight bytes; a weight held by several FX nodes with different values is skipped."""
+    from onnx import numpy_helper
+
+    from fxq.passes.weights import weight_nodes, weight_of
+
+    owners: dict[bytes, set[str]] = {}
+    for node, _ in weight_nodes(gm):
+        weight = weight_of(gm, node).float().contiguous()
+        keys = {weight.numpy().tobytes()}
+        if weight.dim() == 2:
+            keys.add(weight.t().contiguous().numpy().tobytes())
+        for key in keys:
+            owners.setdefault(key, set()).add(node.name)
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    users = consumers(graph)
+    mapping: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type not in COMPUTE_OPS or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        found = owners.get(numpy_helper.to_array(initializers[node.input[1]]).astype("float32").tobytes(), set())
+        if len(found) == 1:
+            mapping[node.name] = next(iter(found))
+            if node.op_type == "Conv":
+                mapping.update(dict.fromkeys(_nchwc_names(node, users), mapping[node.name]))
+            add = _bias_add(node, users, set(initializers))
+            if add is not None:
+                mapping[add.name] = mapping[node.name]
+    return mapping
+
+
+#: Ops onnxruntime's CPU provider fuses into a float Conv (FusedConv: Conv + Add + activation).
+_CONV_FUSED = {"Add", "Relu"}
+
+
+def _nchwc_names(conv: onnx.NodeProto, users: dict[str, list[onnx.NodeProto]]) -> list[str]:
+    """The names onnxruntime's NCHWc Conv may take: ``<t>_nchwc`` for the Conv's output and for the outputs of
+    the Add / Relu chain it can fuse."""
+    names, node = [f"{conv.output[0]}_nchwc"], conv
+    while True:
+        readers = users.get(node.output[0], [])
+        if len(readers) != 1 or readers[0].op_type not in _CONV_FUSED:
+            return names
+        node = readers[0]
+        names.append(f"{node.output[0]}_nchwc")
 
 
 def _bias_add(node: onnx.NodeProto, users: dict[str, list[onnx.NodeProto]], initializers: set[str]):

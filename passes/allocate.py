@@ -15,15 +15,21 @@ The resource r_g(b) depends on ``budget_kind``:
   weights kept float by the policy);
 - ``"bops"``: Σ macs_l·b·a_l over the group's nodes, a_l = the node's ``a_bits`` (32 for float activations),
   MACs at the traced input size (``fxq.macs``);
-- ``"latency"``: Σ lat_l(b) over the group's nodes, from ``latency_table`` ({node: {bits: ms}}, a dict or the
-  JSON file ``fxq bench --latency-table`` writes).
+- ``"latency"``: Σ lat_l(b) over the group's nodes, from ``latency_table`` (:func:`load_latency_table`: the JSON
+  file ``fxq bench --latency-table`` writes, or a dict {node: {bits: ms}}), plus the table's rest of the model
+  (:meth:`LatencyModel.rest_for`: measured with every weight at one width): the budget and the ``used`` value are
+  the whole model's predicted latency. A table recorded on another machine is used with a warning.
 
 Solved by ``scipy.optimize.milp`` (HiGHS) with a zero relative MIP gap: the result is the exact optimum (up to
 HiGHS's 1e-7 feasibility tolerance; an answer over budget by more than 1e-9 relative is re-solved tighter).
 A budget below Σ_g min_b r_g(b) is infeasible: InputError stating that smallest feasible budget.
 
 Allocated nodes are the conv/linear nodes whose ``fxq.qspec`` quantizes the weight; nodes without a qspec (kept
-float by the policy) stay float. Sensitivity: Ω from ``fxq.fisher[objective]`` (recomputed on every call;
+float by the policy) stay float. Candidate 32 (:data:`fxq.passes.sensitivity.FLOAT_BITS`) keeps an allocated node
+float — weight and input activations: its qspec is removed — at Ω = 0; with ``budget_kind="latency"`` that is the
+real choice on CPUs where lower weight bit-widths run on the int8 kernels.
+
+Sensitivity: Ω from ``fxq.fisher[objective]`` (recomputed on every call;
 objective ``uniform``: the quantization error alone, every layer weighted 1);
 nodes without ``fxq.fisher`` may carry their own ``fxq.sensitivity`` (e.g. measured), used as given.
 
@@ -38,6 +44,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,15 +54,15 @@ import scipy.sparse
 import torch.fx
 
 from fxq.errors import InputError
+from fxq.machine import machine_name
 from fxq.passes.pass_manager import PassResult
 from fxq.passes.policy import assign_qspec
-from fxq.passes.sensitivity import check_candidates, weight_sensitivity
+from fxq.passes.sensitivity import FLOAT_BITS, check_candidates, weight_sensitivity
 from fxq.passes.tie_groups import merge_groups, shared_weight_groups
 from fxq.passes.weights import parameter, weight_ref
 
 BUDGET_KINDS = ("avg_bits", "size_bytes", "bops", "latency")
 UNITS = {"avg_bits": "bits per weight", "size_bytes": "bytes", "bops": "BOPs", "latency": "ms"}
-FLOAT_BITS = 32
 _REL_TOL = 1e-9
 
 LatencyTable = Mapping[str, Mapping[int | str, float]]
@@ -105,22 +112,25 @@ class AllocationProblem:
     cost: np.ndarray
     resource: np.ndarray
     budget_kind: str
+    offset: float = 0.0
+    """What the budget holds besides the groups (latency: the rest of the model, ``rest_ms``)."""
 
     @property
     def min_budget(self) -> float:
         """The smallest feasible budget: every group at its cheapest candidate."""
-        return float(self.resource.min(axis=1).sum())
+        return self.offset + float(self.resource.min(axis=1).sum())
 
     def solve(self, budget: float, time_limit: float | None = None) -> tuple[float, dict[str, int], float]:
         """(objective Σ Ω, {node: bits}, resource used) of the optimal allocation within ``budget``."""
         if budget < self.min_budget - _REL_TOL * max(abs(self.min_budget), 1.0):
+            fastest = " (the fastest achievable)" if self.budget_kind == "latency" else ""
             raise InputError(f"{self.budget_kind} budget {budget:.6g} {UNITS[self.budget_kind]} is infeasible: "
-                             f"the smallest feasible budget is {self.min_budget:.6g} (every node at its cheapest "
-                             f"of {list(self.candidates)} bits); raise the budget or add lower bit-widths")
-        choice = solve_mckp(self.cost, self.resource, max(budget, self.min_budget), time_limit)
+                             f"the smallest feasible budget is {self.min_budget:.6g}{fastest} (every node at its "
+                             f"cheapest of {list(self.candidates)} bits); raise the budget or add lower bit-widths")
+        choice = solve_mckp(self.cost, self.resource, max(budget, self.min_budget) - self.offset, time_limit)
         rows = np.arange(len(self.groups))
         bits = {name: self.candidates[c] for group, c in zip(self.groups, choice, strict=True) for name in group}
-        return float(self.cost[rows, choice].sum()), bits, float(self.resource[rows, choice].sum())
+        return float(self.cost[rows, choice].sum()), bits, self.offset + float(self.resource[rows, choice].sum())
 
 
 def allocatable_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -148,22 +158,60 @@ def _sensitivities(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], bits: t
     return result
 
 
-def load_latency_table(table: LatencyTable | str | os.PathLike | None) -> dict[str, dict[int, float]] | None:
-    """A latency table {node: {bits: ms}} from a mapping or a JSON file, with integer bit keys."""
-    if table is None:
-        return None
+@dataclass
+class LatencyModel:
+    """A latency table: ms per node and candidate (``nodes``), the rest of the model (``rest_ms``) and the
+    machine it was measured on (None: unknown)."""
+
+    nodes: dict[str, dict[int, float]]
+    rest_ms: float | dict[int, float] = 0.0
+    machine: str | None = None
+
+    def rest_for(self, candidates: Sequence[int]) -> float:
+        """The rest of the model under an allocation from ``candidates``: the largest rest measured at one of
+        them (the rest differs with the weight width: int4 weights add unpacking), 0 when none was measured."""
+        if not isinstance(self.rest_ms, Mapping):
+            return float(self.rest_ms)
+        measured = [self.rest_ms[b] for b in candidates if b in self.rest_ms]
+        return float(max(measured)) if measured else 0.0
+
+
+LatencySource = LatencyTable | LatencyModel | str | os.PathLike
+
+
+def load_latency_table(table: LatencySource | None) -> LatencyModel | None:
+    """A latency table from a JSON file (``fxq bench --latency-table``: ``{"nodes": {node: {bits: ms}},
+    "rest_ms": {bits: ms} (or one ms), "machine": name}``) or a mapping {node: {bits: ms}} (rest 0); warns when it
+    was measured on another machine."""
+    if table is None or isinstance(table, LatencyModel):
+        return table
+    where = "the latency table"
     if isinstance(table, (str, os.PathLike)):
+        where = f"latency table {os.fspath(table)!r}"
         try:
             with open(table) as f:
                 table = json.load(f)
         except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read latency table {os.fspath(table)!r} ({exc}); give a JSON file "
-                             '{"node_name": {"4": ms, "8": ms}}') from None
-    return {str(node): {int(b): float(ms) for b, ms in row.items()} for node, row in table.items()}
+            raise InputError(f"cannot read {where} ({exc}); give the JSON file fxq bench --latency-table writes "
+                             '({"nodes": {"node_name": {"8": ms, "32": ms}}, "rest_ms": ms})') from None
+    recorded = table.get("nodes") if isinstance(table.get("nodes"), Mapping) else None
+    rows = recorded if recorded is not None else table
+    try:
+        nodes = {str(node): {int(b): float(ms) for b, ms in row.items()} for node, row in rows.items()}
+        rest = table.get("rest_ms", 0.0) if recorded is not None else 0.0
+        rest = {int(b): float(ms) for b, ms in rest.items()} if isinstance(rest, Mapping) else float(rest)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InputError(f"{where} is not {{node: {{bits: ms}}}} ({exc}); write it with fxq bench --latency-table") \
+            from None
+    machine = table.get("machine") if recorded is not None else None
+    if machine and machine != machine_name():
+        warnings.warn(f"{where} was measured on {machine!r}, not on this machine ({machine_name()!r}): its "
+                      "latencies may not hold here; re-measure with fxq bench --latency-table", stacklevel=2)
+    return LatencyModel(nodes, rest, machine)
 
 
-def _latency(node: torch.fx.Node, table: dict, bits: int) -> float:
-    row = table.get(node.name) or {}
+def _latency(node: torch.fx.Node, table: LatencyModel, bits: int) -> float:
+    row = table.nodes.get(node.name) or {}
     if bits not in row:
         raise InputError(f"no latency for node {node.name!r} at {bits} bits; measure it on the target and add it "
                          'to latency_table ({"node": {"bits": ms}}, as fxq bench --latency-table writes it)')
@@ -171,14 +219,14 @@ def _latency(node: torch.fx.Node, table: dict, bits: int) -> float:
 
 
 def node_resource(gm: torch.fx.GraphModule, node: torch.fx.Node, bits: int, kind: str,
-                  table: dict | None) -> float:
+                  table: LatencyModel | None) -> float:
     """What one node costs in the budget's unit at ``bits`` (weights counted per node; see group_resource)."""
     if kind in ("avg_bits", "size_bytes"):
         ref = weight_ref(node)
         numel = ref.select(parameter(gm, ref, node)).numel()
         return numel * bits / (8 if kind == "size_bytes" else 1)
     if kind == "bops":
-        a_bits = node.meta["fxq.qspec"].a_bits or FLOAT_BITS
+        a_bits = FLOAT_BITS if bits == FLOAT_BITS else node.meta["fxq.qspec"].a_bits or FLOAT_BITS
         return float(node.meta.get("fxq.macs", 0)) * bits * a_bits
     return _latency(node, table, bits)
 
@@ -207,7 +255,7 @@ def _distinct_weights(nodes: list[torch.fx.Node]) -> list[torch.fx.Node]:
 
 
 def build_problem(gm: torch.fx.GraphModule, candidates: Sequence[int] = (2, 4, 8), budget_kind: str = "avg_bits",
-                  latency_table: LatencyTable | str | os.PathLike | None = None,
+                  latency_table: LatencySource | None = None,
                   tie_groups: Sequence[Sequence[str]] | None = None, objective: str = "overall") -> AllocationProblem:
     """The allocation MILP of ``gm`` (module docstring); writes ``fxq.quant_error`` and ``fxq.sensitivity``."""
     if budget_kind not in BUDGET_KINDS:
@@ -232,11 +280,12 @@ def build_problem(gm: torch.fx.GraphModule, candidates: Sequence[int] = (2, 4, 8
             resource[i, j] = sum(node_resource(gm, n, b, budget_kind, table) for n in counted)
     if budget_kind == "avg_bits":
         resource /= sum(weight_ref(n).select(parameter(gm, weight_ref(n), n)).numel() for n in _distinct_weights(nodes))
-    return AllocationProblem(groups, bits, cost, resource, budget_kind)
+    offset = table.rest_for(bits) if budget_kind == "latency" else 0.0
+    return AllocationProblem(groups, bits, cost, resource, budget_kind, offset)
 
 
 def allocate_bits(gm: torch.fx.GraphModule, candidates: Sequence[int] = (2, 4, 8), budget: float = 4.0,
-                  budget_kind: str = "avg_bits", latency_table: LatencyTable | str | os.PathLike | None = None,
+                  budget_kind: str = "avg_bits", latency_table: LatencySource | None = None,
                   tie_groups: Sequence[Sequence[str]] | None = None, objective: str = "overall",
                   time_limit: float | None = None) -> PassResult:
     """Choose every allocated node's weight bit-width minimising Σ Ω within ``budget`` (module docstring).
@@ -252,7 +301,8 @@ def allocate_bits(gm: torch.fx.GraphModule, candidates: Sequence[int] = (2, 4, 8
     solved = time.perf_counter()
     for node in gm.graph.nodes:
         if node.name in bits:
-            assign_qspec(node, node.meta["fxq.qspec"].replace(w_bits=bits[node.name]))
+            chosen = bits[node.name]
+            assign_qspec(node, None if chosen == FLOAT_BITS else node.meta["fxq.qspec"].replace(w_bits=chosen))
     summary = {"budget_kind": budget_kind, "budget": float(budget), "used": used, "min_budget": problem.min_budget,
                "objective": objective, "objective_value": value, "candidates": list(problem.candidates),
                "bits": bits, "tie_groups": [g for g in problem.groups if len(g) > 1]}
@@ -264,7 +314,7 @@ def allocate_bits(gm: torch.fx.GraphModule, candidates: Sequence[int] = (2, 4, 8
 
 
 def pareto_frontier(gm: torch.fx.GraphModule, budgets: Sequence[float], candidates: Sequence[int] = (2, 4, 8),
-                    budget_kind: str = "avg_bits", latency_table: LatencyTable | str | os.PathLike | None = None,
+                    budget_kind: str = "avg_bits", latency_table: LatencySource | None = None,
                     tie_groups: Sequence[Sequence[str]] | None = None,
                     objective: str = "overall") -> list[tuple[float, float, dict[str, int]]]:
     """(budget, optimal Σ Ω, {node: bits}) for every feasible budget, ascending; infeasible budgets are left out.

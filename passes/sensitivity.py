@@ -5,9 +5,14 @@ with the node's own settings: ``FakeQuantizer.from_qspec(qspec.replace(w_bits=b)
 W_l (granularity, symmetry and ``w_observer`` of the node's ``fxq.qspec``; per-channel symmetric min-max for
 nodes without one), so the error is the one the exported model will have.
 
+Candidate ``FLOAT_BITS`` (32) keeps the node float — its weight and its input activations, a float island as
+the policies' float nodes — with Ω = 0 and ‖Q_32(W) − W‖² = 0.
+
 Activation term: none — the sensitivity is the weight term only. The allocation chooses weight bit-widths;
 each node's activation bit-width is fixed by its policy QSpec, so an activation term would add a per-node
-constant that cannot move the optimum. (It would also need the activation-space Fisher E‖∂L/∂X‖², which is
+constant that cannot move the optimum — except against candidate 32, which also removes the node's activation
+error: Ω(32) = 0 values keeping a node float by its weight error alone (a stated approximation; under 8-bit
+activations the weight term dominates). (It would also need the activation-space Fisher E‖∂L/∂X‖², which is
 a different quantity from the weight-space s_l; multiplying s_l by an activation error mixes units.)
 
 Reads ``fxq.weight``, ``fxq.qspec``, ``fxq.fisher``. Writes ``fxq.quant_error`` = {b: ‖Q_b(W) − W‖²}
@@ -27,14 +32,18 @@ from fxq.passes.weights import weight_nodes, weight_of
 from fxq.quant import FakeQuantizer, QSpec
 from fxq.quant.qspec import WEIGHT_BITS
 
+#: The candidate that keeps a node float (weight and input activations).
+FLOAT_BITS = 32
+CANDIDATE_BITS = (*WEIGHT_BITS, FLOAT_BITS)
+
 
 def check_candidates(candidates: Iterable[int]) -> tuple[int, ...]:
-    """The candidate weight bit-widths, sorted and validated."""
+    """The candidate weight bit-widths (32: kept float), sorted and validated."""
     bits = tuple(sorted(set(candidates)))
-    bad = [b for b in bits if isinstance(b, bool) or b not in WEIGHT_BITS]
+    bad = [b for b in bits if isinstance(b, bool) or b not in CANDIDATE_BITS]
     if not bits or bad:
         raise InputError(f"candidate bit-widths {list(candidates)} are not usable; give weight bit-widths from "
-                         f"{WEIGHT_BITS}, e.g. (2, 4, 8) or (4, 8)")
+                         f"{WEIGHT_BITS}, or {FLOAT_BITS} to keep a node float, e.g. (2, 4, 8) or (8, 32)")
     return bits
 
 
@@ -55,7 +64,9 @@ def quantize_weight(weight: torch.Tensor, spec: QSpec, bits: int) -> torch.Tenso
 
 
 def weight_quant_error(weight: torch.Tensor, spec: QSpec, bits: int) -> float:
-    """‖Q_b(W) − W‖² (summed in float64)."""
+    """‖Q_b(W) − W‖² (summed in float64); 0 for ``FLOAT_BITS``."""
+    if bits == FLOAT_BITS:
+        return 0.0
     return float((quantize_weight(weight, spec, bits).double() - weight.double()).square().sum())
 
 

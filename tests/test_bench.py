@@ -4,6 +4,7 @@ on detr_tiny with every row (tiny N: the numbers are not looked at, only that th
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -23,8 +24,9 @@ from fxq.ptq import float_graph
 
 FIXTURE = DATA / "coco-val2017-fixture"
 SIZE = 96
-#: Every row this machine can run (the OpenVINO rows need the openvino package).
-RUNNABLE = [r for r in ROWS if openvino_version() is not None or r not in OPENVINO_ROWS]
+#: Every row this machine can run (the OpenVINO rows need the openvino package, openvino-nncf also nncf).
+RUNNABLE = [r for r in ROWS if (openvino_version() is not None or r not in OPENVINO_ROWS)
+            and (r != "openvino-nncf" or importlib.util.find_spec("nncf") is not None)]
 
 
 def test_time_calls_statistics():
@@ -95,6 +97,10 @@ def test_bench_json_has_every_row(bench):
         floats = result["lowering"]["openvino-fxq-int8"]["float_nodes"]  # u8 attention matmuls run in fp32 there
         assert floats and all(name.startswith("attention_") for name in floats)
         assert result["openvino"] and result["rounds"] == 5
+    if "openvino-nncf" in rows:  # NNCF's IR: OpenVINO runs its convolutions in int8, from a smaller file
+        assert rows["openvino-nncf"]["file"].endswith(".xml")
+        assert rows["openvino-nncf"]["kernels"]["Convolution/u8"] > 0
+        assert rows["openvino-nncf"]["file_bytes"] < 0.5 * rows["ort-fp32"]["file_bytes"]
     assert all(p["top_nodes"] and p["by_op"] for p in result["profiles"].values())
     assert result["lowering"]["fxq-int8"]["float_nodes"] == []
     assert result["latency_table"] == str(bench / "latency.json")
@@ -107,14 +113,23 @@ def test_bench_markdown_lists_every_row(bench):
 
 
 def test_latency_table_names_fx_nodes_of_the_quantized_graph(bench):
-    table = load_latency_table(bench / "latency.json")
+    model = load_latency_table(bench / "latency.json")
+    table = model.nodes
     gm = copy.deepcopy(float_graph(fxq.models.build("detr_tiny", pretrained=False), (SIZE, SIZE)))
     annotate_policy(gm, "W4A8")
     insert_quantizers(gm)
     weighted = {n.name for n in gm.graph.nodes if (n.meta.get("fxq.quantized_inputs") or {}).get("weight")}
     assert table and set(table) <= weighted
-    assert len(table) >= 0.9 * len(weighted)  # the stem too: the table pins no node to 8 bits
-    assert all(set(row) == {4, 8} and all(ms >= 0 for ms in row.values()) for row in table.values())
+    # the stem too (the table pins no node to 8 bits); the float export's nodes are found by their weights
+    assert len(table) >= 0.9 * len(weighted)
+    assert all(set(row) == {4, 8, 32} and all(ms >= 0 for ms in row.values()) for row in table.values())
+    recorded = json.loads((bench / "latency.json").read_text())
+    assert model.machine == recorded["machine"] and recorded["model"] == "detr_tiny" and recorded["policy"] == "W8A8"
+    # the rest is what each timed quantized file takes beyond its profiled nodes
+    for bits in (4, 8):
+        timed = recorded["timed_ms"][str(bits)]
+        assert model.rest_ms[bits] == pytest.approx(max(timed - sum(r[bits] for r in table.values()), 0), abs=1e-3)
+    assert model.rest_for((8, 32)) == model.rest_ms[8] and model.rest_for((4, 8)) == max(model.rest_ms.values())
 
 
 # -- bad input -----------------------------------------------------------------------------------------------
@@ -141,8 +156,63 @@ def test_not_an_onnx_model_is_one_clear_error(tmp_path):
 
 @pytest.mark.parametrize("args, message", [(["--rows", "tflite"], "unknown bench row"),
                                            (["--runs", "0"], "--runs 0"),
-                                           (["--images", "/nonexistent"], "not a folder")])
+                                           (["--images", "/nonexistent"], "not a folder"),
+                                           (["--latency-bits", "1", "8"], "32 to keep a node float"),
+                                           (["--latency-bits", "32"], "add a quantized width")])
 def test_bad_arguments(args, message, tmp_path, capsys):
     code = main(["bench", "detr_tiny", "--images", str(FIXTURE), "--size", "64", "64", "--quiet",
                  "--work-dir", str(tmp_path), *args])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_float_export_nodes_map_to_their_fx_nodes(tmp_path):
+    """Every conv / linear of the float export maps to one FX node, and the exporter's scope name of the ONNX
+    node (``/gm/<module>[_k]/Conv``) ends that FX module's path: an independent record of the same fact."""
+    import re
+
+    import onnx
+
+    from fxq.backends.lower_qdq import lower_to_onnx
+    from fxq.backends.node_map import float_node_names
+    from fxq.passes.weights import weight_nodes
+
+    gm = float_graph(fxq.models.build("detr_tiny"), (64, 64))
+    lower_to_onnx(gm, torch.zeros(1, 3, 64, 64), tmp_path / "fp32.onnx", opset=17)
+    mapping = float_node_names(onnx.load(str(tmp_path / "fp32.onnx")), gm)
+    targets = {n.name: str(n.target) for n, _ in weight_nodes(gm) if n.op == "call_module"}
+    assert set(mapping.values()) == {n.name for n, _ in weight_nodes(gm)}  # detr_tiny shares no weight
+    checked = 0
+    for onnx_name, fx_name in mapping.items():
+        scope = re.fullmatch(r"/gm/(.+?)(?:_\d+)?/(Conv|MatMul|Gemm)", onnx_name)
+        if scope and fx_name in targets:
+            assert ("." + targets[fx_name]).endswith("." + scope.group(1)), (onnx_name, fx_name)
+            checked += 1
+    assert checked >= 0.8 * len(targets)
+
+
+def test_allocate_within_the_measured_latency_budget(bench, tmp_path, capsys):
+    """`fxq allocate --budget-kind latency` on the bench's table: within budget (rest included), some nodes kept
+    float once the budget allows it; a budget below the fastest achievable is refused, naming it."""
+    from fxq.data import write_synthetic
+
+    write_synthetic(tmp_path / "synth", seed=0, train=2, val=1, size=SIZE)
+    recorded = json.loads((bench / "latency.json").read_text())
+    rest = recorded["rest_ms"]["8"]
+    fastest = rest + sum(min(r["8"], r["32"]) for r in recorded["nodes"].values())
+    slowest = rest + sum(max(r["8"], r["32"]) for r in recorded["nodes"].values())
+    base = ["allocate", "detr_tiny", "--data", str(tmp_path / "synth"), "--size", str(SIZE), "--images", "2",
+            "--batch-size", "1", "--candidates", "8", "32", "--budget-kind", "latency", "--latency-table",
+            str(bench / "latency.json"), "--no-progress"]
+    budget = (fastest + slowest) / 2
+    assert main([*base, "--budget", str(budget), "--out", str(tmp_path / "a.json")]) == 0
+    saved = json.loads((tmp_path / "a.json").read_text())
+    summary, bits = saved["allocation"], saved["allocation"]["bits"]
+    assert set(bits) == set(recorded["nodes"]) and summary["used"] <= budget * (1 + 1e-9)
+    assert summary["used"] == pytest.approx(
+        rest + sum(recorded["nodes"][n][str(b)] for n, b in bits.items()), rel=1e-6)
+    assert 0 < sum(b == 32 for b in bits.values()) < len(bits)
+    kept = {n for n, record in saved["nodes"].items() if "fxq.qspec" in record}  # a float node saves no qspec
+    assert {n for n, b in bits.items() if b == 8} <= kept and not {n for n, b in bits.items() if b == 32} & kept
+    capsys.readouterr()
+    assert main([*base, "--budget", str(fastest * 0.5)]) == 2
+    assert "fastest achievable" in capsys.readouterr().err

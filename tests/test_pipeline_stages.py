@@ -178,7 +178,7 @@ def test_an_interrupted_run_keeps_the_finished_stages_and_the_next_run_continues
     (["--budget", "4", "--allocation", "{alloc}"], "not both"),
     (["--budget", "0"], "--budget 0.0: give a finite number > 0"),
     (["--budget-kind", "latency", "--budget", "3"], "needs --latency-table"),
-    (["--candidates", "0", "4"], "--candidates 0 4: bit-widths are 1..16"),
+    (["--candidates", "0", "4"], "--candidates 0 4: give weight bit-widths 2..8"),
     (["--latency-runs", "0", "--from", "latency"], "this run has no latency stage"),
     (["--from", "nowhere"], "invalid choice: 'nowhere'"),
     (["--critical", "foo"], "unknown category 'foo'"),  # the synthetic set is not written yet

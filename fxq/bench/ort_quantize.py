@@ -1,5 +1,6 @@
 """onnxruntime's own post-training quantization (``onnxruntime.quantization.quantize_static``) as a baseline:
-per-channel s8 weights, u8 activations, min-max calibration on the images fxq calibrates with.
+per-channel s8 weights, u8 activations, calibrated (min-max by default; entropy or percentile) on the images fxq
+calibrates with.
 
 ``fmt="qdq"`` writes QuantizeLinear/DequantizeLinear pairs (what fxq writes too); ``fmt="qoperator"`` writes
 QLinearConv / QLinearMatMul / ... directly. The float model is first run through ORT's
@@ -34,6 +35,9 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from fxq.errors import InputError
 
 FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+#: quantize_static's activation calibrators by short name (ORT's defaults: Entropy 128 bins, Percentile 99.999).
+CALIBRATIONS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                "percentile": CalibrationMethod.Percentile}
 
 
 class _Images(CalibrationDataReader):
@@ -53,6 +57,7 @@ class QuantizedBaseline:
     path: str
     fmt: str
     preprocessed: bool
+    calibration: str = "minmax"
 
 
 def _preprocess(float_path: Path, folder: str) -> tuple[Path, bool]:
@@ -67,11 +72,15 @@ def _preprocess(float_path: Path, folder: str) -> tuple[Path, bool]:
 
 
 def ort_quantize_static(float_path: str | os.PathLike, out_path: str | os.PathLike,
-                        calibration: Iterable[torch.Tensor], fmt: str = "qdq") -> QuantizedBaseline:
-    """Quantize the float ONNX model at ``float_path`` with onnxruntime (per-channel u8s8, min-max over the
-    ``calibration`` image batches) and write it to ``out_path``."""
+                        calibration: Iterable[torch.Tensor], fmt: str = "qdq",
+                        method: str = "minmax") -> QuantizedBaseline:
+    """Quantize the float ONNX model at ``float_path`` with onnxruntime (per-channel u8s8, activation ranges
+    from calibrator ``method`` of :data:`CALIBRATIONS` over the ``calibration`` image batches) and write it to
+    ``out_path``."""
     if fmt not in FORMATS:
         raise InputError(f"quantize_static format {fmt!r} is unknown; use one of {list(FORMATS)}")
+    if method not in CALIBRATIONS:
+        raise InputError(f"quantize_static calibration {method!r} is unknown; use one of {list(CALIBRATIONS)}")
     float_path = Path(float_path)
     if not float_path.is_file():
         raise InputError(f"float model {str(float_path)!r} does not exist; export it first")
@@ -80,11 +89,11 @@ def ort_quantize_static(float_path: str | os.PathLike, out_path: str | os.PathLi
     with tempfile.TemporaryDirectory(prefix="fxq-ortq-") as folder:
         float_path = _unshared_biases(float_path, folder)
         source, preprocessed = _preprocess(float_path, folder)
-        _quantize(source, out_path, input_name, batches, fmt)
+        _quantize(source, out_path, input_name, batches, fmt, method)
         if preprocessed and not _loads(out_path):
-            _quantize(float_path, out_path, input_name, batches, fmt)
+            _quantize(float_path, out_path, input_name, batches, fmt, method)
             preprocessed = False
-    return QuantizedBaseline(str(out_path), fmt, preprocessed)
+    return QuantizedBaseline(str(out_path), fmt, preprocessed, method)
 
 
 def _unshared_biases(float_path: Path, folder: str) -> Path:
@@ -120,11 +129,11 @@ def _unshared_biases(float_path: Path, folder: str) -> Path:
 
 
 def _quantize(source: Path, out_path: str | os.PathLike, input_name: str, batches: list[torch.Tensor],
-              fmt: str) -> None:
+              fmt: str, method: str) -> None:
     with contextlib.redirect_stdout(io.StringIO()):
         quantize_static(str(source), str(out_path), _Images(input_name, batches), quant_format=FORMATS[fmt],
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CALIBRATIONS[method])
 
 
 def _loads(path: str | os.PathLike) -> bool:

@@ -14,7 +14,9 @@ The rows (:data:`ROWS`), all built from one float graph and one set of real imag
 - ``fxq-int8-plain``: fxq W8A8, the plain recipe through the plain QDQ lowering, for comparison;
 - ``openvino-fp32`` / ``openvino-fxq-int8``: the float export, and fxq W8A8 quantized and lowered for the
   ``openvino`` target, run by OpenVINO CPU (fp32 float layers) instead of onnxruntime — timed in the same turns
-  as the other rows, not profiled (needs ``pip install openvino``).
+  as the other rows, not profiled (needs ``pip install openvino``);
+- ``openvino-nncf``: NNCF's ``nncf.quantize`` of the float export (transformer model type) as OpenVINO IR, run
+  by OpenVINO (:mod:`fxq.bench.nncf_quantize`; needs ``pip install nncf``), timed like the other OpenVINO rows.
 
 The "integer kernels" column counts the op types of the runtime's profile
 (:attr:`fxq.targets.TargetProfile.integer_kernels`) in the graph onnxruntime runs.
@@ -23,7 +25,6 @@ The "integer kernels" column counts the op types of the runtime's profile
 from __future__ import annotations
 
 import os
-import platform
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
@@ -38,9 +40,11 @@ import torch.nn.functional as F
 from fxq.backends.capabilities import runtime_of_provider
 from fxq.backends.fusion_probes import optimized_model
 from fxq.backends.lower_qdq import lower_to_onnx
+from fxq.backends.node_map import float_node_names
 from fxq.backends.openvino_facts import layer_counts
 from fxq.backends.openvino_session import openvino_version, require_openvino
 from fxq.backends.runtime_lower import lower_for_runtime
+from fxq.bench.nncf_quantize import ir_bytes, nncf_quantize, require_nncf
 from fxq.bench.ort_quantize import ort_quantize_static
 from fxq.bench.timing import (
     fx_node_ms,
@@ -49,20 +53,25 @@ from fxq.bench.timing import (
     measure_models,
     op_times,
     profile_onnx,
+    time_onnx_interleaved,
     time_torch,
 )
 from fxq.data import CocoDetection, eval_transforms
 from fxq.errors import InputError
+from fxq.machine import machine_name
 from fxq.models import build as build_model
-from fxq.passes.policy import DEFAULT_OVERRIDES
+from fxq.passes.policy import DEFAULT_OVERRIDES, assign_qspec
+from fxq.passes.precision import annotated_copy
+from fxq.passes.quantize import quantize_annotated
+from fxq.passes.sensitivity import FLOAT_BITS
 from fxq.ptq import float_graph, quantize_ptq
-from fxq.targets import TARGETS
+from fxq.targets import TARGETS, target_profile
 
 ROWS = ("torch", "ort-fp32", "ort-qdq", "ort-qoperator", "fxq-int8", "fxq-mixed", "fxq-int8-plain", "openvino-fp32",
-        "openvino-fxq-int8")
+        "openvino-fxq-int8", "openvino-nncf")
 POLICIES = {"fxq-int8": "W8A8", "fxq-mixed": "W4A8", "fxq-int8-plain": "W8A8", "openvino-fxq-int8": "W8A8"}
 #: Rows run by OpenVINO (the others by onnxruntime on the configured provider).
-OPENVINO_ROWS = ("openvino-fp32", "openvino-fxq-int8")
+OPENVINO_ROWS = ("openvino-fp32", "openvino-fxq-int8", "openvino-nncf")
 #: The allocation's latency table measures each node at each bit-width: no node is pinned to 8 bits.
 TABLE_OVERRIDES = {pattern: policy for pattern, policy in DEFAULT_OVERRIDES.items() if policy is None}
 
@@ -74,6 +83,8 @@ def check_rows(rows: Sequence[str]) -> list[str]:
         raise InputError(f"unknown bench row(s) {unknown or rows}; choose from {', '.join(ROWS)}")
     if any(r in OPENVINO_ROWS for r in rows):
         require_openvino()
+    if "openvino-nncf" in rows:
+        require_nncf()
     return [r for r in ROWS if r in rows]
 
 
@@ -115,6 +126,7 @@ class BenchConfig:
     checkpoint: str | None = None
     work_dir: str | None = None
     latency_bits: Sequence[int] = ()
+    latency_policy: str = "W8A8"
     top_nodes: int = 15
     seed: int = 0
     isolate: bool = True
@@ -132,6 +144,8 @@ def _kernels(path: Path, runtime: str) -> dict[str, int]:
 
 
 def _file_bytes(path: Path) -> int:
+    if path.suffix == ".xml":
+        return ir_bytes(path)
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
@@ -188,12 +202,20 @@ class _Suite:
         self.extra[name] = {"preprocessed": baseline.preprocessed}
         return path
 
+    def nncf_model(self) -> Path:
+        self.c.log("quantizing openvino-nncf with nncf.quantize")
+        path = nncf_quantize(self.float_onnx(), self.folder / f"{self.c.model}-openvino-nncf.xml", self.calibration)
+        self.extra["openvino-nncf"] = {"policy": "W8A8 (NNCF)", "model_type": "transformer"}
+        return path
+
     def models(self) -> dict[str, Path]:
         """Every requested ONNX row's model file, built in row order."""
         paths = {}
         for name in check_rows(self.c.rows):
             if name in ("ort-fp32", "openvino-fp32"):
                 paths[name] = self.float_onnx()
+            elif name == "openvino-nncf":
+                paths[name] = self.nncf_model()
             elif name.startswith("ort-"):
                 paths[name] = self.ort_model(name)
             elif name.startswith(("fxq-", "openvino-fxq-")):
@@ -235,19 +257,48 @@ class _Suite:
         for row in self.rows:
             row["speedup_vs_ort_fp32"] = round(reference / row["median_ms"], 3) if reference else None
 
-    def latency(self) -> dict[str, dict[int, float]]:
-        per_bits = {}
-        for bits in self.c.latency_bits:
-            self.c.log(f"profiling every node at {bits}-bit weights for the latency table")
-            gm = quantize_ptq(self.float_gm, self.calibration, f"W{bits}A8", overrides=TABLE_OVERRIDES,
-                              progress=False, target=self.runtime)
-            path = self.folder / f"{self.c.model}-latency-w{bits}.onnx"
-            report = lower_for_runtime(gm, self.input, path, self.runtime, verify=False)
-            nodes = self.isolated(profile_onnx, path, self.input, self.c.provider, self.c.threads,
-                                  max(self.c.profile_runs, 3))
+    def latency(self) -> dict[str, Any]:
+        """The allocation's latency table (:func:`fxq.passes.allocate.load_latency_table`'s format): each
+        quantizable node profiled in a file quantized at ``latency_policy`` with every weight at each bit-width
+        (32: the float export), and per quantized width ``rest_ms``, that file's timed median minus its nodes."""
+        quantized = sorted(b for b in self.c.latency_bits if b != FLOAT_BITS)
+        if not quantized:
+            raise InputError(f"latency bits {list(self.c.latency_bits)} hold no quantized width; add one (e.g. 8), "
+                             "the rest of the model is measured at it")
+        per_bits, weighted, paths = {}, set(), {}
+        for bits in quantized:
+            self.c.log(f"profiling every node at {self.c.latency_policy} with {bits}-bit weights for the latency table")
+            paths[bits] = self.folder / f"{self.c.model}-latency-w{bits}.onnx"
+            report = lower_for_runtime(self.uniform_weights(bits), self.input, paths[bits], self.runtime, verify=False)
             weighted = {n.node for n in report.nodes if n.weight_storage is not None}
-            per_bits[bits] = {k: v for k, v in fx_node_ms(nodes, report.node_names).items() if k in weighted}
-        return latency_table(per_bits)
+            per_bits[bits] = self._node_ms(paths[bits], report.node_names, weighted)
+        if FLOAT_BITS in self.c.latency_bits:
+            self.c.log("profiling every node of the float export for the latency table")
+            path = self.float_onnx()
+            per_bits[FLOAT_BITS] = self._node_ms(path, float_node_names(onnx.load(str(path)), self.float_gm), weighted)
+        nodes = latency_table(per_bits)
+        timed = self.isolated(time_onnx_interleaved, paths, self.input, self.c.provider, self.c.threads,
+                              self.c.warmup, self.c.runs, self.c.rounds)
+        rest = {b: round(max(timed[b].median_ms - sum(row[b] for row in nodes.values()), 0.0), 4) for b in quantized}
+        return {"nodes": nodes, "rest_ms": rest, "timed_ms": {b: round(timed[b].median_ms, 4) for b in quantized},
+                "policy": self.c.latency_policy, "machine": machine_name(), "model": self.c.model,
+                "size": list(self.c.size), "threads": self.c.threads, "provider": self.c.provider}
+
+    def uniform_weights(self, bits: int):
+        """The float graph quantized at ``latency_policy`` (heads float as the policy says, no node pinned to 8
+        bits) with every quantized weight at ``bits``, prepared for the runtime."""
+        gm = annotated_copy(self.float_gm, self.c.latency_policy, None, TABLE_OVERRIDES)
+        for node in gm.graph.nodes:
+            spec = node.meta.get("fxq.qspec")
+            if spec is not None and spec.w_bits is not None:
+                assign_qspec(node, spec.replace(w_bits=bits))
+        quantize_annotated(gm, self.calibration, self.float_gm, "minmax", target_profile(self.runtime), progress=False)
+        return gm
+
+    def _node_ms(self, path: Path, names: dict[str, str], keep: set[str]) -> dict[str, float]:
+        nodes = self.isolated(profile_onnx, path, self.input, self.c.provider, self.c.threads,
+                              max(self.c.profile_runs, 3))
+        return {k: v for k, v in fx_node_ms(nodes, names).items() if k in keep}
 
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
@@ -262,7 +313,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "model": config.model, "size": list(config.size), "threads": config.threads, "provider": config.provider,
         "warmup": config.warmup, "runs": config.runs, "calibration_images": config.calib_images,
         "images": os.fspath(config.images), "rounds": config.rounds, "onnxruntime": ort.__version__,
-        "openvino": openvino_version(), "torch": torch.__version__, "machine": _machine(),
+        "openvino": openvino_version(), "torch": torch.__version__, "machine": machine_name(),
         "rows": suite.rows, "profiles": suite.profiles, "lowering": suite.lowering,
         "work_dir": str(suite.folder),
     }
@@ -270,11 +321,3 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         result["latency_table"] = suite.latency()
     return result
 
-
-def _machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} CPUs"

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--size", type=int, default=512, help="image size (shorter side) and trace size")
     p.add_argument("--policy", default="W8A8", help="uniform policy before allocation (activation bits etc.)")
-    p.add_argument("--candidates", type=int, nargs="+", default=[2, 4, 8], help="weight bit-widths")
+    p.add_argument("--candidates", type=int, nargs="+", default=[2, 4, 8],
+                   help="weight bit-widths; 32 keeps a node float (with --budget-kind latency: 8 32)")
     p.add_argument("--budget", type=float, required=True, help="budget in --budget-kind units")
     p.add_argument("--budget-kind", default="avg_bits", choices=("avg_bits", "size_bytes", "bops", "latency"))
     p.add_argument("--latency-table", help='JSON {"node": {"bits": ms}} for --budget-kind latency')

@@ -9,7 +9,7 @@ import shlex
 from pathlib import Path
 
 ROW_HELP = ("torch, ort-fp32, ort-qdq, ort-qoperator, fxq-int8, fxq-mixed, fxq-int8-plain, openvino-fp32, "
-            "openvino-fxq-int8 (the openvino rows need pip install openvino)")
+            "openvino-fxq-int8, openvino-nncf (the openvino rows need pip install openvino; openvino-nncf also nncf)")
 DEFAULT_ROWS = ["torch", "ort-fp32", "ort-qdq", "ort-qoperator", "fxq-int8", "fxq-mixed"]
 
 
@@ -46,9 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work-dir", help="folder for the ONNX files (default: a new temporary folder)")
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--markdown", help="write the table as markdown to this file")
-    p.add_argument("--latency-table", help="also profile every quantizable node at 4 and 8 bits and write the "
-                                          "allocation's latency table {fx_node: {bits: ms}} to this JSON file")
-    p.add_argument("--latency-bits", nargs="+", type=int, default=[4, 8], help="bit-widths of the latency table")
+    p.add_argument("--latency-table", help="also profile every quantizable node at each --latency-bits width and "
+                                          "write the allocation's latency table (per-node ms, the rest of the "
+                                          "model, the machine) to this JSON file")
+    p.add_argument("--latency-bits", nargs="+", type=int, default=[4, 8, 32],
+                   help="bit-widths of the latency table; 32 = the node kept float (default 4 8 32)")
+    p.add_argument("--latency-policy", default="W8A8",
+                   help="policy the latency table's files are quantized at, weights at each --latency-bits width "
+                        "(use the allocation's --policy, e.g. 4-4-8; default W8A8)")
     p.add_argument("--in-process", action="store_true",
                    help="time the ONNX models in this process instead of a fresh one each (faster, less exact: "
                         "torch's thread pool can slow onnxruntime down right after calibration)")
@@ -66,14 +71,15 @@ def _check(args: argparse.Namespace) -> None:
     if h < 32 or w < 32:
         raise InputError(f"--size {h} {w} is too small: DETR backbones downsample by 32, use at least 32 32")
     check_rows(args.rows)
-    from fxq.cli.checks import check_checkpoint, check_output_file
+    from fxq.cli.checks import check_bit_widths, check_checkpoint, check_output_file
 
     check_checkpoint(args.checkpoint)
     for flag in ("json", "markdown", "latency_table"):
         check_output_file(getattr(args, flag), f"--{flag.replace('_', '-')}")
-    bad = [b for b in args.latency_bits if not 1 <= b <= 16]
-    if bad:
-        raise InputError(f"--latency-bits {' '.join(map(str, args.latency_bits))}: bit-widths are 1..16")
+    check_bit_widths(args.latency_bits, "--latency-bits")
+    if all(b == 32 for b in args.latency_bits):
+        raise InputError("--latency-bits 32 alone: add a quantized width (e.g. 8); the rest of the model is "
+                         "measured at it")
     for flag, value, low in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0), ("--threads", args.threads, 1),
                              ("--calib-images", args.calib_images, 1), ("--profile-runs", args.profile_runs, 0),
                              ("--rounds", args.rounds, 1)):
@@ -91,7 +97,8 @@ def _command(args: argparse.Namespace) -> str:
     if args.checkpoint:
         parts += ["--checkpoint", args.checkpoint]
     if args.latency_table:
-        parts += ["--latency-table", args.latency_table, "--latency-bits", *map(str, args.latency_bits)]
+        parts += ["--latency-table", args.latency_table, "--latency-bits", *map(str, args.latency_bits),
+                  "--latency-policy", args.latency_policy]
     return shlex.join(parts).replace("'fxq bench'", "fxq bench")
 
 
@@ -105,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, images=args.images, size=tuple(args.size), threads=args.threads, provider=args.provider,
         warmup=args.warmup, runs=args.runs, calib_images=args.calib_images, profile_runs=args.profile_runs,
         rows=args.rows, checkpoint=args.checkpoint, work_dir=args.work_dir,
-        latency_bits=args.latency_bits if args.latency_table else (), isolate=not args.in_process,
+        latency_bits=args.latency_bits if args.latency_table else (), latency_policy=args.latency_policy,
+        isolate=not args.in_process,
         rounds=args.rounds,
         log=(lambda m: None) if args.quiet else (lambda m: print(f"[bench] {m}", flush=True)))
     result = {"command": _command(args), **run_bench(config)}

@@ -90,14 +90,23 @@ def check_checkpoint(path: str | os.PathLike | None, flag: str = "--checkpoint")
     check_input_file(path, flag)
 
 
+def check_bit_widths(bits: list[int], flag: str) -> None:
+    """Candidate bit-widths given on the command line: weight widths 2..8 and 32 (kept float)."""
+    from fxq.passes.sensitivity import check_candidates
+
+    try:
+        check_candidates(bits)
+    except InputError:
+        raise InputError(f"{flag} {' '.join(map(str, bits))}: give weight bit-widths 2..8, and 32 to keep a node "
+                         "float (e.g. 2 4 8, or 8 32)") from None
+
+
 def check_budget(args: argparse.Namespace) -> None:
     """The allocation options of ``args`` (``budget``, None where the command allows it; ``candidates``,
     ``budget_kind``, ``latency_table``) in range and consistent."""
     if args.budget is not None and not 0 < args.budget < math.inf:
         raise InputError(f"--budget {args.budget}: give a finite number > 0 in --budget-kind units")
-    bad = [b for b in args.candidates if not 1 <= b <= 16]
-    if bad or not args.candidates:
-        raise InputError(f"--candidates {' '.join(map(str, args.candidates))}: bit-widths are 1..16 (e.g. 2 4 8)")
+    check_bit_widths(args.candidates, "--candidates")
     if args.budget_kind == "latency" and not args.latency_table:
         raise InputError("--budget-kind latency needs --latency-table FILE (write one with "
                          "`fxq bench MODEL --latency-table FILE`)")

@@ -64,7 +64,7 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", action=Given, default="critical", choices=("overall", "critical", "combined"),
                    help="Fisher trace the allocation weighs: of L_A, of the critical loss L_F, or of both")
     p.add_argument("--candidates", action=Given, type=int, nargs="+", default=[2, 4, 8],
-                   help="weight bit-widths the allocation chooses from")
+                   help="weight bit-widths the allocation chooses from (32: the node kept float)")
     p.add_argument("--latency-table", action=Given, metavar="T.json",
                    help="per-node latencies from `fxq bench MODEL --latency-table T.json` (--budget-kind latency)")
     p.add_argument("--method", action=Given, default="minmax",
