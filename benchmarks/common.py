@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from fxq.backends.runtime_session import open_session
 from fxq.data import CocoDetection, collate, eval_transforms, write_synthetic
 from fxq.io import write_json
 
@@ -47,3 +49,17 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
 
 def load_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+class SessionDetector(nn.Module):
+    """An ONNX / OpenVINO IR detector run by its runtime behind a module's call, for
+    :func:`fxq.evaluation.evaluate_model` (one thread)."""
+
+    takes_mask = False
+
+    def __init__(self, path: Path, provider: str, head: str) -> None:
+        super().__init__()
+        self.session, self.head = open_session(path, provider, threads=1), head
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.session.run(images)

@@ -128,7 +128,8 @@ def test_latency_table_names_fx_nodes_of_the_quantized_graph(bench):
     # the rest is what each timed quantized file takes beyond its profiled nodes
     for bits in (4, 8):
         timed = recorded["timed_ms"][str(bits)]
-        assert model.rest_ms[bits] == pytest.approx(max(timed - sum(r[bits] for r in table.values()), 0), abs=1e-3)
+        assert model.rest_ms[bits] == pytest.approx(max(timed - sum(r[bits] for r in table.values()), 0), abs=1e-2)
+    assert all(k > 0 for k in recorded["profile_scale"].values()) and set(recorded["timed_ms"]) == {"4", "8", "32"}
     assert model.rest_for((8, 32)) == model.rest_ms[8] and model.rest_for((4, 8)) == max(model.rest_ms.values())
 
 

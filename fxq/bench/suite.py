@@ -260,29 +260,35 @@ class _Suite:
     def latency(self) -> dict[str, Any]:
         """The allocation's latency table (:func:`fxq.passes.allocate.load_latency_table`'s format): each
         quantizable node profiled in a file quantized at ``latency_policy`` with every weight at each bit-width
-        (32: the float export), and per quantized width ``rest_ms``, that file's timed median minus its nodes."""
+        (32: the float export), scaled by that file's timed median over its profile's total (``profile_scale``),
+        and per quantized width ``rest_ms``, that file's timed median minus its nodes."""
         quantized = sorted(b for b in self.c.latency_bits if b != FLOAT_BITS)
         if not quantized:
             raise InputError(f"latency bits {list(self.c.latency_bits)} hold no quantized width; add one (e.g. 8), "
                              "the rest of the model is measured at it")
-        per_bits, weighted, paths = {}, set(), {}
+        per_bits, weighted, paths, totals = {}, set(), {}, {}
         for bits in quantized:
             self.c.log(f"profiling every node at {self.c.latency_policy} with {bits}-bit weights for the latency table")
             paths[bits] = self.folder / f"{self.c.model}-latency-w{bits}.onnx"
             report = lower_for_runtime(self.uniform_weights(bits), self.input, paths[bits], self.runtime, verify=False)
             weighted = {n.node for n in report.nodes if n.weight_storage is not None}
-            per_bits[bits] = self._node_ms(paths[bits], report.node_names, weighted)
+            per_bits[bits], totals[bits] = self._node_ms(paths[bits], report.node_names, weighted)
         if FLOAT_BITS in self.c.latency_bits:
             self.c.log("profiling every node of the float export for the latency table")
-            path = self.float_onnx()
-            per_bits[FLOAT_BITS] = self._node_ms(path, float_node_names(onnx.load(str(path)), self.float_gm), weighted)
-        nodes = latency_table(per_bits)
+            paths[FLOAT_BITS] = self.float_onnx()
+            names = float_node_names(onnx.load(str(paths[FLOAT_BITS])), self.float_gm)
+            per_bits[FLOAT_BITS], totals[FLOAT_BITS] = self._node_ms(paths[FLOAT_BITS], names, weighted)
         timed = self.isolated(time_onnx_interleaved, paths, self.input, self.c.provider, self.c.threads,
                               self.c.warmup, self.c.runs, self.c.rounds)
+        # a profiled session runs slower than a timed one, by a factor that differs per file: scale each file's
+        # node times to its timed median
+        scale = {b: timed[b].median_ms / totals[b] if totals[b] > 0 else 1.0 for b in per_bits}
+        nodes = latency_table({b: {n: ms * scale[b] for n, ms in row.items()} for b, row in per_bits.items()})
         rest = {b: round(max(timed[b].median_ms - sum(row[b] for row in nodes.values()), 0.0), 4) for b in quantized}
-        return {"nodes": nodes, "rest_ms": rest, "timed_ms": {b: round(timed[b].median_ms, 4) for b in quantized},
-                "policy": self.c.latency_policy, "machine": machine_name(), "model": self.c.model,
-                "size": list(self.c.size), "threads": self.c.threads, "provider": self.c.provider}
+        return {"nodes": nodes, "rest_ms": rest, "timed_ms": {b: round(t.median_ms, 4) for b, t in timed.items()},
+                "profile_scale": {b: round(k, 4) for b, k in scale.items()}, "policy": self.c.latency_policy,
+                "machine": machine_name(), "model": self.c.model, "size": list(self.c.size),
+                "threads": self.c.threads, "provider": self.c.provider}
 
     def uniform_weights(self, bits: int):
         """The float graph quantized at ``latency_policy`` (heads float as the policy says, no node pinned to 8
@@ -295,10 +301,11 @@ class _Suite:
         quantize_annotated(gm, self.calibration, self.float_gm, "minmax", target_profile(self.runtime), progress=False)
         return gm
 
-    def _node_ms(self, path: Path, names: dict[str, str], keep: set[str]) -> dict[str, float]:
+    def _node_ms(self, path: Path, names: dict[str, str], keep: set[str]) -> tuple[dict[str, float], float]:
+        """({FX node: profiled ms} for the nodes in ``keep``, the profile's total ms per run)."""
         nodes = self.isolated(profile_onnx, path, self.input, self.c.provider, self.c.threads,
                               max(self.c.profile_runs, 3))
-        return {k: v for k, v in fx_node_ms(nodes, names).items() if k in keep}
+        return {k: v for k, v in fx_node_ms(nodes, names).items() if k in keep}, sum(n.ms for n in nodes)
 
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
