@@ -16,15 +16,18 @@ node's name from the node it replaces, so its profiles name FX nodes. A weight's
 (unquantized) nodes are not renamed; :func:`float_node_names` maps the conv / linear nodes of a float export by
 their weight tensors instead (an ONNX Conv / MatMul / Gemm whose weight initializer holds exactly the FX node's
 weight, or for MatMul its transpose), with a linear's bias Add; onnxruntime's NCHWc transformer renames a float
-Conv after its output tensor (``<output>_nchwc``, the output of the Add / Relu it fused), so those names map too. At the "all" optimization level onnxruntime's NHWC transformer appends
+Conv after its output tensor (``<output>_nchwc``, the output of the Add / Relu it fused), so those names map too.
+At the "all" optimization level onnxruntime's NHWC transformer appends
 ``_token_<n>`` to the names of the nodes it re-lays out; :func:`runtime_name` strips it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import onnx
+import torch
 import torch.fx
 
 from fxq.roles import ATTENTION_ROLES
@@ -85,21 +88,20 @@ def fx_node_names(model: onnx.ModelProto, gm: torch.fx.GraphModule) -> dict[str,
     return mapping
 
 
-def float_node_names(model: onnx.ModelProto, gm: torch.fx.GraphModule) -> dict[str, str]:
-    """{ONNX node name: FX node name} for the conv / linear nodes of a float export of ``gm`` (and linear bias
-    Adds), matched by weight bytes; a weight held by several FX nodes with different values is skipped."""
+def float_node_names(model: onnx.ModelProto, weights: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """{ONNX node name: FX node name} for the conv / linear nodes of a float export (and linear bias Adds),
+    matched by weight bytes against ``weights`` ({FX node name: its weight}); a weight held by several FX nodes
+    with different values is skipped."""
     from onnx import numpy_helper
 
-    from fxq.passes.weights import weight_nodes, weight_of
-
     owners: dict[bytes, set[str]] = {}
-    for node, _ in weight_nodes(gm):
-        weight = weight_of(gm, node).float().contiguous()
+    for name, weight in weights.items():
+        weight = weight.detach().float().contiguous()
         keys = {weight.numpy().tobytes()}
         if weight.dim() == 2:
             keys.add(weight.t().contiguous().numpy().tobytes())
         for key in keys:
-            owners.setdefault(key, set()).add(node.name)
+            owners.setdefault(key, set()).add(name)
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     users = consumers(graph)

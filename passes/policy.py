@@ -44,6 +44,14 @@ def assign_qspec(node: torch.fx.Node, spec: QSpec | None) -> None:
         node.meta["fxq.qspec"] = spec
 
 
+def set_weight_bits(gm: torch.fx.GraphModule, bits: int) -> None:
+    """Every node whose ``fxq.qspec`` quantizes its weight gets weight bit-width ``bits`` (other fields kept)."""
+    for node in gm.graph.nodes:
+        spec = node.meta.get("fxq.qspec")
+        if spec is not None and spec.w_bits is not None:
+            assign_qspec(node, spec.replace(w_bits=bits))
+
+
 def _override_for(module: str, overrides: Mapping[str, str | QSpec | None]) -> tuple[bool, str | QSpec | None]:
     for pattern, policy in overrides.items():
         if fnmatch.fnmatchcase(module, pattern):

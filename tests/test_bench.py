@@ -175,11 +175,12 @@ def test_float_export_nodes_map_to_their_fx_nodes(tmp_path):
 
     from fxq.backends.lower_qdq import lower_to_onnx
     from fxq.backends.node_map import float_node_names
-    from fxq.passes.weights import weight_nodes
+    from fxq.passes.weights import weight_nodes, weight_of
 
     gm = float_graph(fxq.models.build("detr_tiny"), (64, 64))
     lower_to_onnx(gm, torch.zeros(1, 3, 64, 64), tmp_path / "fp32.onnx", opset=17)
-    mapping = float_node_names(onnx.load(str(tmp_path / "fp32.onnx")), gm)
+    weights = {n.name: weight_of(gm, n) for n, _ in weight_nodes(gm)}
+    mapping = float_node_names(onnx.load(str(tmp_path / "fp32.onnx")), weights)
     targets = {n.name: str(n.target) for n, _ in weight_nodes(gm) if n.op == "call_module"}
     assert set(mapping.values()) == {n.name for n, _ in weight_nodes(gm)}  # detr_tiny shares no weight
     checked = 0

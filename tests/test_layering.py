@@ -19,7 +19,7 @@ from conftest import ROOT
 #: Every module of fxq belongs to one layer; a module in no layer fails the test (declare it here).
 LAYERS: dict[str, tuple[str, ...]] = {
     "core": ("fxq.errors", "fxq.quant", "fxq.models", "fxq.data", "fxq.objectives", "fxq.evaluation",
-             "fxq.roles", "fxq.tracing", "fxq.tracer", "fxq.meta", "fxq.targets", "fxq.costs", "fxq.io",
+             "fxq.roles", "fxq.tracing", "fxq.tracer", "fxq.meta", "fxq.targets", "fxq.costs", "fxq.io", "fxq.machine",
              "fxq.train"),
     "passes": ("fxq.passes",),
     "backends": ("fxq.backends",),

@@ -60,10 +60,11 @@ from fxq.data import CocoDetection, eval_transforms
 from fxq.errors import InputError
 from fxq.machine import machine_name
 from fxq.models import build as build_model
-from fxq.passes.policy import DEFAULT_OVERRIDES, assign_qspec
+from fxq.passes.policy import DEFAULT_OVERRIDES, set_weight_bits
 from fxq.passes.precision import annotated_copy
 from fxq.passes.quantize import quantize_annotated
 from fxq.passes.sensitivity import FLOAT_BITS
+from fxq.passes.weights import weight_nodes, weight_of
 from fxq.ptq import float_graph, quantize_ptq
 from fxq.targets import TARGETS, target_profile
 
@@ -276,7 +277,8 @@ class _Suite:
         if FLOAT_BITS in self.c.latency_bits:
             self.c.log("profiling every node of the float export for the latency table")
             paths[FLOAT_BITS] = self.float_onnx()
-            names = float_node_names(onnx.load(str(paths[FLOAT_BITS])), self.float_gm)
+            weights = {n.name: weight_of(self.float_gm, n) for n, _ in weight_nodes(self.float_gm)}
+            names = float_node_names(onnx.load(str(paths[FLOAT_BITS])), weights)
             per_bits[FLOAT_BITS], totals[FLOAT_BITS] = self._node_ms(paths[FLOAT_BITS], names, weighted)
         timed = self.isolated(time_onnx_interleaved, paths, self.input, self.c.provider, self.c.threads,
                               self.c.warmup, self.c.runs, self.c.rounds)
@@ -294,10 +296,7 @@ class _Suite:
         """The float graph quantized at ``latency_policy`` (heads float as the policy says, no node pinned to 8
         bits) with every quantized weight at ``bits``, prepared for the runtime."""
         gm = annotated_copy(self.float_gm, self.c.latency_policy, None, TABLE_OVERRIDES)
-        for node in gm.graph.nodes:
-            spec = node.meta.get("fxq.qspec")
-            if spec is not None and spec.w_bits is not None:
-                assign_qspec(node, spec.replace(w_bits=bits))
+        set_weight_bits(gm, bits)
         quantize_annotated(gm, self.calibration, self.float_gm, "minmax", target_profile(self.runtime), progress=False)
         return gm
 
