@@ -3,20 +3,32 @@
 # share the 2 cores). Rows: qat, qat_fr_person, qat_kd, qat_kd_fr_person, qat_seed1, qat_fr_person_seed1,
 # w4a8_qat, w4a8_qat_fr_person, w2a4_qat, w2a4_qat_fr_person, and the distillation rows of issue 14: qat_drd,
 # qat_aq, qat_drd_aq (names compose: _kd, _drd, _aq select --distill methods; _drdw<λ> is DRD with
-# --drd-weight λ, qat_drdw0 distribution alignment alone). Every run is resumable: rerunning continues
-# unfinished runs and skips finished ones. This session ran
+# --drd-weight λ, qat_drdw0 distribution alignment alone); _fr_hurt is the regularizer with L_F on issue 13's
+# critical set (a): the 5 categories uniform 4-4-8 PTQ hurts most on the validation images (RESULTS.md, QAT).
+# Environment: RUNS (default runs/qat), STEPS (default 250) and EPOCHS (default 1; training stops at whichever
+# of STEPS and EPOCHS·500 steps comes first, the cosine schedule spanning it): the 2000-step table of this session
+# ran with RUNS=runs/qat2k STEPS=2000 EPOCHS=4. Every run is resumable: rerunning continues
+# unfinished runs and skips finished ones. The 250-step tables ran
 #   benchmarks/qat_runs.sh detr_tiny qat qat_fr_person qat_kd qat_kd_fr_person qat_seed1 qat_fr_person_seed1
 #   benchmarks/qat_runs.sh deformable_detr_tiny qat qat_fr_person qat_kd w2a4_qat
 # and for issue 14
 #   benchmarks/qat_runs.sh detr_tiny qat qat_drd qat_aq qat_drd_aq qat_kd
 #   benchmarks/qat_runs.sh deformable_detr_tiny qat qat_drd_aq qat_drd qat_aq qat_kd
+# and the 2000-step table
+#   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh detr_tiny qat_kd qat qat_fr_hurt qat_seed1
+#   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh detr_tiny qat_fr_hurt_seed1
+#   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh deformable_detr_tiny qat
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$1; shift
 RUNS=${RUNS:-runs/qat}
-COMMON=(--data runs/synth --steps 250 --batch-size 8 --lr 1e-4 --lr-backbone 1e-5 --lr-quant 1e-3
-        --warmup 20 --critical person --threads 1 --no-progress)
+COMMON=(--data runs/synth --steps "${STEPS:-250}" --batch-size 8 --lr 1e-4 --lr-backbone 1e-5 --lr-quant 1e-3
+        --warmup 20 --critical person --threads 1 --no-progress --epochs "${EPOCHS:-1}")
 FR=(--fisher-reg 1e-3 --fisher-warmup 50)
+case $MODEL in
+  detr_tiny) HURT=("green square" "red circle" "green x" "purple hexagon" "orange inverted triangle") ;;
+  *) HURT=("orange semicircle" "green square" "purple hexagon" "orange inverted triangle" "yellow star") ;;
+esac
 for name in "$@"; do
   seed=0; [[ $name == *seed1 ]] && seed=1
   args=(--policy 4-4-8)
@@ -31,6 +43,7 @@ for name in "$@"; do
   if [[ $name =~ _drdw([0-9.]+) ]]; then methods+=(drd); args+=(--drd-weight "${BASH_REMATCH[1]}"); fi
   if (( ${#methods[@]} )); then args+=(--distill "$(IFS=+; echo "${methods[*]}")"); fi
   [[ $name == *fr_person* ]] && args+=("${FR[@]}")
+  [[ $name == *fr_hurt* ]] && args+=("${FR[@]}" --critical "${HURT[@]}")
   out="$RUNS/$MODEL/$name"
   if [[ -f "$out/eval.json" ]]; then echo "skip $out"; continue; fi
   resume=(); [[ -d "$out" ]] && resume=(--overwrite)  # a run cut off before its first checkpoint starts over

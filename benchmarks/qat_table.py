@@ -8,12 +8,19 @@ benchmarks/results/qat.json). The runs are those of benchmarks/qat_runs.sh, unde
 Rows: fp32; PTQ at 4-4-8 with lp:3 (see BEST_PTQ), calibrated on the first 32 training images; each finished
 run folder (known names first).
 Columns: AP, AP50 and critical AP (supercategory person) on the first 250 validation images; most-hurt AP, the mean
-AP of the 5 categories (of all 24) whose AP drops most from fp32 to PTQ (listed under the table); the critical AP
+AP of the 5 categories (of all 24) whose AP drops most from fp32 to PTQ (listed under the table); fr_set_AP, the mean
+AP of the categories the _fr_hurt runs' regularizer was computed on (their config; "-" without such a run); the
+critical AP
 on the first 250 training images the run's sampler drew (epoch 0, in order; fp32 and PTQ: those of the seed-0
 runs); minutes (QAT: the run log's last "time"; PTQ: calibration). Differences, each with a paired bootstrap
 interval over validation images (fxq.evaluation.bootstrap_metrics; all rows share the draws): every QAT row vs
-PTQ (AP), +FR vs the same run without it (AP, critical AP, most-hurt AP), and each distillation row (_kd, _drd, _aq
+PTQ (AP), +FR (_fr_person: L_F on the person supercategory; _fr_hurt: on the 5 most-hurt categories) vs the same
+run without it (AP, critical AP, most-hurt AP), and each distillation row (_kd, _drd, _aq
 and their combinations) vs plain qat of the same seed and policy (AP, AP50, critical AP, most-hurt AP).
+
+Under the tables: the overfitting analysis (issue 15, deliverable 6), per category group and per category, AP on
+the training vs the validation images for fp32, PTQ and the seed-0 QAT rows, each row's change of the train − val
+gap against fp32 with a paired bootstrap interval (training and validation images resampled independently).
 
 Each row's detections are cached in runs/qat/<model>/table_cache/<row>.json, not in qat.json (100 detections
 per image: about 3 MB per row and split); --reuse takes a cached row when its inputs are unchanged.
@@ -28,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import ROOT, loader, markdown, save, synthetic_root
 from torch.utils.data import DataLoader, Subset
@@ -43,7 +51,8 @@ from fxq.train.sampler import EpochBatchSampler
 #: 0.765, DetPTQ 0.774 but 5 min of calibration, too slow for this table's budget).
 BEST_PTQ = {"detr_tiny": "lp:3", "deformable_detr_tiny": "lp:3"}
 RUN_ORDER = ["qat", "qat_kd", "qat_drd", "qat_drdw0", "qat_drdw0.3", "qat_aq", "qat_drd_aq", "qat_fr_person",
-             "qat_kd_fr_person", "qat_seed1", "qat_fr_person_seed1"]
+             "qat_kd_fr_person", "qat_fr_hurt", "qat_kd_fr_hurt", "qat_seed1", "qat_fr_person_seed1",
+             "qat_fr_hurt_seed1", "qat_kd_seed1", "qat_kd_fr_hurt_seed1"]
 METRICS = {"AP": "AP", "AP50": "AP50", "critical_AP": "critical_mAP"}  # + most_hurt_AP, per model
 HURT = 5
 
@@ -70,8 +79,9 @@ def main() -> None:
         model_rows, note = _model_table(model, Path(args.runs) / model, val, train_set, critical, args)
         rows += model_rows
         notes.append(note)
-    table = "\n\n".join([markdown(rows, ["model", "row", "AP", "AP50", "critical_AP", "most_hurt_AP",
-                                         "train_critical_AP", "minutes"]), *notes, _diff_table(rows)])
+    table = "\n\n".join([markdown(rows, ["model", "row", "AP", "AP50", "critical_AP", "most_hurt_AP", "fr_set_AP",
+                                         "train_critical_AP", "minutes"]), *notes, _diff_table(rows),
+                          _overfit_tables(rows)])
     save(Path(args.out), rows, table, "python benchmarks/qat_table.py " + " ".join(sys.argv[1:]))
 
 
@@ -81,7 +91,10 @@ def _model_table(model: str, runs: Path, val, train_set, critical: list[int], ar
     detections = _row_detections(model, runs, val, train_set, args)
     per_row = {name: evaluate(val_gt, d["val"], critical, image_ids=val_ids) for name, d in detections.items()}
     hurt = _most_hurt(per_row["fp32"], per_row["ptq"], critical, val_gt)
+    trained = _fr_set(runs)
     metrics = {**METRICS, "most_hurt_AP": category_mean(hurt)}
+    if trained:
+        metrics["fr_set_AP"] = category_mean(trained)
     boot = {name: bootstrap_metrics(val_gt, d["val"], val_ids, metrics, critical, args.reps, seed=0)
             for name, d in detections.items()}
     rows = []
@@ -91,12 +104,73 @@ def _model_table(model: str, runs: Path, val, train_set, critical: list[int], ar
         rows.append({"model": model, "row": f"PTQ 4-4-8 {BEST_PTQ[model]}" if name == "ptq" else name, "key": name,
                      "AP": m["AP"], "AP50": m["AP50"], "critical_AP": m["critical_mAP"],
                      "most_hurt_AP": boot[name]["point"]["most_hurt_AP"],
+                     "fr_set_AP": boot[name]["point"].get("fr_set_AP", "-"),
                      "train_critical_AP": train_m["critical_mAP"], "minutes": round(d["seconds"] / 60, 1),
                      "train_images": len(d["train_ids"]), "val_images": len(val_ids), "most_hurt_categories": hurt,
                      "differences": _differences(name, list(detections), boot)})
-    note = f"{model}: most-hurt categories (fp32 → PTQ AP on the validation images): " + ", ".join(
+    rows[0]["overfitting"] = _overfitting(model, detections, hurt, val, train_set, critical, args)
+    notes_fr = f"; the _fr_hurt runs' L_F set (fr_set_AP): {', '.join(trained)}" if trained else ""
+    note = f"{model}{notes_fr}: most-hurt categories (fp32 → PTQ AP on the validation images): " + ", ".join(
         f"{n} ({per_row['fp32']['per_category'][n]:.3f} → {per_row['ptq']['per_category'][n]:.3f})" for n in hurt)
     return rows, note
+
+
+#: Rows of the overfitting table (issue 15, deliverable 6), when finished: seed 0, so they share fp32's training images.
+OVERFIT_ROWS = ("fp32", "ptq", "qat", "qat_kd", "qat_fr_person", "qat_fr_hurt", "qat_kd_fr_hurt")
+
+
+def _overfitting(model: str, detections: dict, hurt: list[str], val, train_set, critical: list[int], args) -> dict:
+    """Per-category and per-group AP on the training vs the validation images, and each row's change of the
+    train − val gap against fp32 with a paired bootstrap interval (train and val images resampled apart)."""
+    val_gt, val_ids = val.dataset.dataset.coco, _loader_ids(val)
+    names = [c["name"] for c in val_gt.cats.values()]
+    person = [val_gt.cats[i]["name"] for i in critical]
+    groups = {"most-hurt": hurt, "person": person, "other": [n for n in names if n not in hurt and n not in person]}
+    metrics = {g: category_mean(members) for g, members in groups.items()}
+    fp_ids = detections["fp32"]["train_ids"]
+    rows = [r for r in OVERFIT_ROWS if r in detections and detections[r]["train_ids"] == fp_ids]
+    per_category, gap = {}, {}
+    for name in rows:
+        d = detections[name]
+        v = bootstrap_metrics(val_gt, d["val"], val_ids, metrics, critical, args.reps, seed=0)
+        t = bootstrap_metrics(train_set.coco, d["train"], d["train_ids"], metrics, critical, args.reps, seed=1)
+        gap[name] = {g: (t["point"][g], v["point"][g], t["replicates"][g] - v["replicates"][g]) for g in groups}
+        val_pc = evaluate(val_gt, d["val"], critical, image_ids=val_ids)["per_category"]
+        train_pc = evaluate(train_set.coco, d["train"], critical, image_ids=d["train_ids"])["per_category"]
+        per_category[name] = {n: {"val": val_pc[n], "train": train_pc[n]} for n in names}
+    summary = []
+    for name in rows:
+        for g in groups:
+            train_ap, val_ap, reps = gap[name][g]
+            row = {"model": model, "row": name, "group": g, "val_AP": val_ap, "train_AP": train_ap,
+                   "gap": train_ap - val_ap, "gap change vs fp32 [95%]": "-"}
+            if name != "fp32":
+                change = reps - gap["fp32"][g][2]
+                change = change[~np.isnan(change)]
+                lo, hi = np.percentile(change, [2.5, 97.5])
+                row["gap change vs fp32 [95%]"] = (f"{row['gap'] - (gap['fp32'][g][0] - gap['fp32'][g][1]):+.3f} "
+                                                   f"[{lo:+.3f}, {hi:+.3f}]")
+            summary.append(row)
+    return {"groups": groups, "summary": summary, "per_category": per_category}
+
+
+def _overfit_tables(rows: list[dict]) -> str:
+    """The markdown of every model's overfitting summary and per-category train/val AP."""
+    parts = []
+    for row in rows:
+        o = row.get("overfitting")
+        if not o:
+            continue
+        parts.append(f"Overfitting, {row['model']} (AP by category group on the first 250 training images the "
+                     "seed-0 runs drew vs the 250 validation images):\n\n"
+                     + markdown(o["summary"], ["model", "row", "group", "val_AP", "train_AP", "gap",
+                                               "gap change vs fp32 [95%]"]))
+        shown = list(o["per_category"])
+        table = [{"category": n, **{f"{r} val/train": f"{o['per_category'][r][n]['val']:.3f} / "
+                                                        f"{o['per_category'][r][n]['train']:.3f}" for r in shown}}
+                 for n in o["per_category"]["fp32"]]
+        parts.append(f"Per category, {row['model']} (val / train AP):\n\n" + markdown(table, list(table[0])))
+    return "\n\n".join(parts)
 
 
 def _row_detections(model: str, runs: Path, val, train_set, args) -> dict[str, dict]:
@@ -123,11 +197,13 @@ def _differences(name: str, names: list[str], boot: dict) -> list[dict]:
     if name in ("fp32", "ptq"):
         return []
     pairs = [("ptq", ["AP"])]
-    if "_fr_person" in name and name.replace("_fr_person", "") in names:
-        pairs.append((name.replace("_fr_person", ""), ["AP", "critical_AP", "most_hurt_AP"]))
+    without_fr = re.sub(r"_fr_(person|hurt)", "", name)
+    if without_fr != name and without_fr in names:
+        keys = ["AP", "critical_AP", "most_hurt_AP"] + (["fr_set_AP"] if "_fr_hurt" in name else [])
+        pairs.append((without_fr, keys))
     # qat_drd_aq_seed1 -> qat_seed1, w2a4_qat_aq -> w2a4_qat, qat_drdw0.3 -> qat
     plain = re.sub(r"_(kd|drd|aq|drdw[0-9.]+)(?=_|$)", "", name)
-    if plain != name and "_fr_person" not in name and plain in names:
+    if plain != name and without_fr == name and plain in names:
         pairs.append((plain, ["AP", "AP50", "critical_AP", "most_hurt_AP"]))
     out = []
     for base, keys in pairs:
@@ -147,6 +223,14 @@ def _diff_table(rows: list[dict]) -> str:
     if not flat:
         return "(no QAT runs: no differences)"
     return "Paired bootstrap over validation images (b − a):\n\n" + markdown(flat, list(flat[0]))
+
+
+def _fr_set(runs: Path) -> list[str]:
+    """The critical categories the first finished _fr_hurt run trained its L_F on ([] without one)."""
+    for run in _finished_runs(runs):
+        if "_fr_hurt" in run.name:
+            return list(_config(run)["options"]["critical"])
+    return []
 
 
 def _most_hurt(fp32: dict, ptq: dict, critical: list[int], gt) -> list[str]:
