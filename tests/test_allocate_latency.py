@@ -103,3 +103,17 @@ def test_table_from_another_machine_warns_and_a_missing_node_is_named(chain, tmp
     (tmp_path / "bad.json").write_text(json.dumps({"nodes": {"conv": 3}}))
     with pytest.raises(fxq.InputError, match="not {node: {bits: ms}}"):
         load_latency_table(tmp_path / "bad.json")
+
+
+def test_pipeline_frontier_counts_the_rest(chain):
+    """fxq pipeline's frontier.json: uniform points and the frontier's top budget are whole-model latencies."""
+    from fxq.cli.pipeline_analysis import _frontier, _uniform
+    from fxq.passes.allocate import build_problem
+
+    _, latency = setup(chain, np.random.default_rng(3))
+    problem = build_problem(chain, CANDIDATES, "latency", {"nodes": latency, "rest_ms": 2.5})
+    for bits, point in _uniform(problem).items():
+        assert point["used"] == pytest.approx(2.5 + sum(row[int(bits)] for row in latency.values()))
+    points = _frontier(chain, problem)
+    assert points[0]["used"] == pytest.approx(2.5 + sum(row[8] for row in latency.values()))
+    assert points[-1]["budget"] == pytest.approx(2.5 + sum(row[32] for row in latency.values()))

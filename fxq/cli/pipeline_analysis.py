@@ -64,7 +64,7 @@ def allocate_stage(out: Path, run_id: str, fgm, options: dict) -> dict:
 
 def _frontier(gm: torch.fx.GraphModule, problem) -> list[dict]:
     """Optimal Σ Ω and average weight bits at budgets spread from the smallest to the largest useful one."""
-    top = float(problem.resource.max(axis=1).sum())
+    top = problem.offset + float(problem.resource.max(axis=1).sum())
     points = []
     for budget in np.linspace(problem.min_budget, top, FRONTIER_POINTS):
         omega, bits, used = problem.solve(float(budget))
@@ -74,7 +74,8 @@ def _frontier(gm: torch.fx.GraphModule, problem) -> list[dict]:
 
 def _uniform(problem) -> dict[str, dict]:
     """{bits: {"used", "omega", "avg_bits"}}: every allocated node at one candidate."""
-    return {str(b): {"used": float(problem.resource[:, j].sum()), "omega": float(problem.cost[:, j].sum()),
+    return {str(b): {"used": problem.offset + float(problem.resource[:, j].sum()),
+                     "omega": float(problem.cost[:, j].sum()),
                      "avg_bits": float(b)} for j, b in enumerate(problem.candidates)}
 
 
