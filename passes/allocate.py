@@ -169,7 +169,7 @@ class LatencyModel:
 
     def rest_for(self, candidates: Sequence[int]) -> float:
         """The rest of the model under an allocation from ``candidates``: the largest rest measured at one of
-        them (the rest differs with the weight width: int4 weights add unpacking), 0 when none was measured."""
+        them (it differs with the weight width), 0 when none was measured."""
         if not isinstance(self.rest_ms, Mapping):
             return float(self.rest_ms)
         measured = [self.rest_ms[b] for b in candidates if b in self.rest_ms]
@@ -194,6 +194,9 @@ def load_latency_table(table: LatencySource | None) -> LatencyModel | None:
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(f"cannot read {where} ({exc}); give the JSON file fxq bench --latency-table writes "
                              '({"nodes": {"node_name": {"8": ms, "32": ms}}, "rest_ms": ms})') from None
+    if not isinstance(table, Mapping):
+        raise InputError(f"{where} is not {{node: {{bits: ms}}}} (a JSON {type(table).__name__}); write it with "
+                         "fxq bench --latency-table")
     recorded = table.get("nodes") if isinstance(table.get("nodes"), Mapping) else None
     rows = recorded if recorded is not None else table
     try:

@@ -103,6 +103,9 @@ def test_table_from_another_machine_warns_and_a_missing_node_is_named(chain, tmp
     (tmp_path / "bad.json").write_text(json.dumps({"nodes": {"conv": 3}}))
     with pytest.raises(fxq.InputError, match="not {node: {bits: ms}}"):
         load_latency_table(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(fxq.InputError, match="a JSON list"):
+        load_latency_table(tmp_path / "list.json")
 
 
 def test_pipeline_frontier_counts_the_rest(chain):
