@@ -85,8 +85,8 @@ def allocations(fgm, calib, table, args) -> list[dict]:
     else:
         fisher_traces(analysed, calib, "overall", progress=False)
     problem = build_problem(copy.deepcopy(analysed), args.candidates, "latency", table, None, "uniform")
-    slowest = problem.offset + float(problem.resource.max(axis=1).sum())
-    budgets = [problem.min_budget + (slowest - problem.min_budget) * i / (args.points - 1) for i in range(args.points)]
+    low, high = problem.min_budget, problem.max_budget
+    budgets = [low + (high - low) * i / (args.points - 1) for i in range(args.points)]
     out, profile = [], target_profile("ort-cpu")
     for objective in objectives:
         for k, budget in enumerate(budgets):

@@ -32,8 +32,9 @@ import torch
 from common import ROOT, SessionDetector, loader, markdown, save
 
 import fxq
-from fxq.bench.nncf_quantize import ir_bytes, nncf_quantize
+from fxq.bench.nncf_quantize import nncf_quantize
 from fxq.bench.ort_quantize import ort_quantize_static
+from fxq.bench.suite import file_bytes
 from fxq.cli.export import lower_checked
 from fxq.data import resolve_categories
 from fxq.evaluation import bootstrap_metrics, compare, evaluate_model
@@ -48,13 +49,6 @@ from fxq.targets import target_profile
 MODELS = ("detr_tiny", "deformable_detr_tiny")
 METRICS = {"AP": "AP", "AP50": "AP50", "critical_AP": "critical_mAP"}
 SIZE = 160
-
-
-def _file_bytes(path: Path) -> int:
-    if path.suffix == ".xml":
-        return ir_bytes(path)
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def _mixed(fgm, calib):
@@ -106,7 +100,7 @@ def score(model: str, files: dict, val, critical: list[int], reps: int) -> list[
         metrics = evaluate_model(SessionDetector(path, provider, head), val, gt, critical, progress=False)
         boot[name] = bootstrap_metrics(gt, metrics["detections"], ids, METRICS, critical, reps, seed=0)
         results[name] = {"model": model, "row": name, "AP": metrics["AP"], "AP50": metrics["AP50"],
-                         "critical_AP": metrics["critical_mAP"], "MB": round(_file_bytes(path) / 2**20, 3),
+                         "critical_AP": metrics["critical_mAP"], "MB": round(file_bytes(path) / 2**20, 3),
                          "runtime": "openvino" if provider == "openvino" else "onnxruntime", **extra}
         print(f"{model} {name}: AP {metrics['AP']:.3f}", flush=True)
     for name, row in results.items():

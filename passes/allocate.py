@@ -120,6 +120,11 @@ class AllocationProblem:
         """The smallest feasible budget: every group at its cheapest candidate."""
         return self.offset + float(self.resource.min(axis=1).sum())
 
+    @property
+    def max_budget(self) -> float:
+        """The largest useful budget: every group at its most expensive candidate."""
+        return self.offset + float(self.resource.max(axis=1).sum())
+
     def solve(self, budget: float, time_limit: float | None = None) -> tuple[float, dict[str, int], float]:
         """(objective Σ Ω, {node: bits}, resource used) of the optimal allocation within ``budget``."""
         if budget < self.min_budget - _REL_TOL * max(abs(self.min_budget), 1.0):

@@ -144,7 +144,8 @@ def _kernels(path: Path, runtime: str) -> dict[str, int]:
     return {op: ops[op] for op in profile.integer_kernels if ops[op]}
 
 
-def _file_bytes(path: Path) -> int:
+def file_bytes(path: Path) -> int:
+    """Bytes of a model file with its external data (.onnx + .onnx.data, or OpenVINO IR .xml + .bin)."""
     if path.suffix == ".xml":
         return ir_bytes(path)
     data = path.with_name(path.name + ".data")
@@ -246,7 +247,7 @@ class _Suite:
         timings.update(onnx_timings)
         for name in rows:
             path = paths.get(name)
-            file_info = {"file": path.name, "file_bytes": _file_bytes(path),
+            file_info = {"file": path.name, "file_bytes": file_bytes(path),
                          "kernels": _kernels(path, self.row_runtime(name))} \
                 if path else {"file": None, "file_bytes": None, "kernels": {}}
             runtime = "torch" if name == "torch" else TARGETS[self.row_runtime(name)].engine

@@ -64,9 +64,8 @@ def allocate_stage(out: Path, run_id: str, fgm, options: dict) -> dict:
 
 def _frontier(gm: torch.fx.GraphModule, problem) -> list[dict]:
     """Optimal Σ Ω and average weight bits at budgets spread from the smallest to the largest useful one."""
-    top = problem.offset + float(problem.resource.max(axis=1).sum())
     points = []
-    for budget in np.linspace(problem.min_budget, top, FRONTIER_POINTS):
+    for budget in np.linspace(problem.min_budget, problem.max_budget, FRONTIER_POINTS):
         omega, bits, used = problem.solve(float(budget))
         points.append({"budget": float(budget), "used": used, "omega": omega, "avg_bits": _avg_bits(gm, bits)})
     return points
