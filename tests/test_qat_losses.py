@@ -166,21 +166,27 @@ def test_regularizer_weight_warmup_and_bad_input():
 # -- distillation ----------------------------------------------------------------------------------------
 
 
-def _direct(student, teacher, head):
-    """The three distillation terms, per query in float64 from their definitions."""
+def _direct(student, teacher, head, foreground=False):
+    """The three distillation terms, per query in float64 from their definitions; with ``foreground`` the box
+    terms weighted by the teacher's probability that the query is an object."""
     zs, zt = student["pred_logits"].double().flatten(0, 1), teacher["pred_logits"].double().flatten(0, 1)
     bs, bt = student["pred_boxes"].double().flatten(0, 1), teacher["pred_boxes"].double().flatten(0, 1)
-    cls, l1, gious = [], [], []
+    cls, l1, gious, weights = [], [], [], []
     for i in range(zs.shape[0]):
         if head == "softmax":
             ps, pt = zs[i].exp() / zs[i].exp().sum(), zt[i].exp() / zt[i].exp().sum()
             cls.append((pt * (pt / ps).log()).sum().item())
+            weights.append(1 - pt[-1].item() if foreground else 1.0)
         else:
             ps, pt = 1 / (1 + (-zs[i]).exp()), 1 / (1 + (-zt[i]).exp())
             cls.append((pt * (pt / ps).log() + (1 - pt) * ((1 - pt) / (1 - ps)).log()).sum().item())
+            weights.append(pt.max().item() if foreground else 1.0)
         l1.append((bs[i] - bt[i]).abs().sum().item())
         gious.append(1 - giou(bs[i].tolist(), bt[i].tolist()))
-    return {"kd.class": sum(cls) / len(cls), "kd.bbox": sum(l1) / len(l1), "kd.giou": sum(gious) / len(gious)}
+    def weighted(values):
+        return sum(w * d for w, d in zip(weights, values, strict=True)) / sum(weights)
+
+    return {"kd.class": sum(cls) / len(cls), "kd.bbox": weighted(l1), "kd.giou": weighted(gious)}
 
 
 def _outputs(batch, queries, logits, seed):
@@ -206,7 +212,29 @@ def test_distillation_terms_equal_direct_computations(head):
     assert all(abs(same[k].item()) < 1e-6 for k in ("kd.class", "kd.bbox", "kd.giou"))
 
 
+@pytest.mark.parametrize("head", ["softmax", "sigmoid"])
+def test_foreground_weighted_box_distillation_equals_direct_computation(head):
+    student, teacher = _outputs(2, 5, 7, 2), _outputs(2, 5, 7, 3)
+    terms = Distillation(head, boxes="foreground")(student, teacher)
+    for key, value in _direct(student, teacher, head, foreground=True).items():
+        assert terms[key].item() == pytest.approx(value, rel=1e-5), key
+    # a query the teacher is sure is background does not pull the student's box
+    background = -30.0 * torch.ones(7)
+    if head == "softmax":
+        background[-1] = 30.0
+    teacher["pred_logits"][0, 0] = background
+    moved = {**student, "pred_boxes": student["pred_boxes"].clone()}
+    moved["pred_boxes"][0, 0] = torch.tensor([0.9, 0.1, 0.05, 0.05])
+    before = Distillation(head, boxes="foreground")(student, teacher)
+    after = Distillation(head, boxes="foreground")(moved, teacher)
+    for key in ("kd.bbox", "kd.giou"):
+        assert after[key].item() == pytest.approx(before[key].item(), abs=1e-9), key
+    assert Distillation(head)(moved, teacher)["kd.bbox"] != Distillation(head)(student, teacher)["kd.bbox"]
+
+
 def test_distillation_bad_input():
+    with pytest.raises(InputError, match="weighting 'queries' is unknown"):
+        Distillation("sigmoid", boxes="queries")
     with pytest.raises(InputError, match="unknown distillation terms"):
         Distillation("sigmoid", weights={"feature": 1.0})
     with pytest.raises(InputError, match="distillation weight of 'bbox'"):

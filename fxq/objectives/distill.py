@@ -10,6 +10,12 @@ over the B·Q queries:
 - ``kd.bbox``: Σ over the four cxcywh coordinates of |b_S − b_T|;
 - ``kd.giou``: 1 − GIoU(b_S, b_T).
 
+The box terms average over the queries uniformly (``boxes="all"``, the first implementation) or weighted by the
+teacher's foreground probability w_q (``boxes="foreground"``: Σ_q w_q·d_q / Σ_q w_q, w_q = 1 − p_T(no object) for
+a softmax head, max_c σ(z_T,c) for a sigmoid head). With uniform weights the box terms are dominated by background
+queries, whose boxes carry no detection (on deformable_detr_tiny 91% of the queries, with 5× the foreground
+queries' GIoU distance after PTQ) — a choice of fxq's, the issue fixing only "class term + box L1 (+ GIoU)".
+
 ``loss_kd`` = Σ weights[term]·term; default weights class 1, bbox 5, giou 2 (the ratios of DETR's criterion);
 a weight of 0 drops a term from ``loss_kd`` (it is still returned for logging). Teacher outputs are detached.
 """
@@ -27,6 +33,8 @@ from fxq.objectives.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_b
 from fxq.objectives.heads import check_head
 
 TERMS = ("class", "bbox", "giou")
+#: How the box terms weight the queries: uniformly, or by the teacher's foreground probability.
+BOX_WEIGHTINGS = ("all", "foreground")
 DEFAULT_WEIGHTS = {"class": 1.0, "bbox": 5.0, "giou": 2.0}
 
 
@@ -41,15 +49,30 @@ def class_kl(student_logits: Tensor, teacher_logits: Tensor, head: str) -> Tenso
     return kl.sum(-1).mean()
 
 
-def box_l1(student_boxes: Tensor, teacher_boxes: Tensor) -> Tensor:
-    """Mean over queries of the L1 distance of cxcywh boxes."""
-    return (student_boxes - teacher_boxes).abs().sum(-1).mean()
+def foreground_probability(teacher_logits: Tensor, head: str) -> Tensor:
+    """[..., Q] probability that each query is an object, by the teacher: 1 − p(no object) (softmax head, the
+    last logit) or the largest class probability (sigmoid head)."""
+    if check_head(head) == "softmax":
+        return 1 - F.softmax(teacher_logits, -1)[..., -1]
+    return teacher_logits.sigmoid().amax(-1)
 
 
-def box_giou_loss(student_boxes: Tensor, teacher_boxes: Tensor) -> Tensor:
-    """Mean over queries of 1 − GIoU of cxcywh boxes."""
+def _mean(values: Tensor, weight: Tensor | None) -> Tensor:
+    if weight is None:
+        return values.mean()
+    weight = weight.reshape(values.shape)
+    return (weight * values).sum() / weight.sum().clamp_min(1e-6)
+
+
+def box_l1(student_boxes: Tensor, teacher_boxes: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean over queries (weighted by ``weight`` [..., Q] when given) of the L1 distance of cxcywh boxes."""
+    return _mean((student_boxes - teacher_boxes).abs().sum(-1), weight)
+
+
+def box_giou_loss(student_boxes: Tensor, teacher_boxes: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean over queries (weighted by ``weight`` [..., Q] when given) of 1 − GIoU of cxcywh boxes."""
     s, t = box_cxcywh_to_xyxy(student_boxes.flatten(0, -2)), box_cxcywh_to_xyxy(teacher_boxes.flatten(0, -2))
-    return (1 - elementwise_generalized_box_iou(s, t)).mean()
+    return _mean(1 - elementwise_generalized_box_iou(s, t), None if weight is None else weight.flatten())
 
 
 class Distillation:
@@ -57,8 +80,11 @@ class Distillation:
 
     name = "kd"
 
-    def __init__(self, head: str, weights: Mapping[str, float] | None = None) -> None:
+    def __init__(self, head: str, weights: Mapping[str, float] | None = None, boxes: str = "all") -> None:
         self.head = check_head(head)
+        if boxes not in BOX_WEIGHTINGS:
+            raise InputError(f"box distillation weighting {boxes!r} is unknown; use one of {list(BOX_WEIGHTINGS)}")
+        self.boxes = boxes
         unknown = sorted(set(weights or {}) - set(TERMS))
         if unknown:
             raise InputError(f"unknown distillation terms {unknown}; the terms are {list(TERMS)}")
@@ -69,7 +95,10 @@ class Distillation:
 
     def config(self) -> dict:
         """Plain-type settings (for fingerprints and logs)."""
-        return {"head": self.head, "weights": dict(self.weights)}
+        config = {"head": self.head, "weights": dict(self.weights)}
+        if self.boxes != "all":  # the fingerprint of runs made before the weighting existed stays the same
+            config["boxes"] = self.boxes
+        return config
 
     def __call__(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor],
                  targets: object = None) -> dict[str, Tensor]:
@@ -82,8 +111,9 @@ class Distillation:
                                  f"{tuple(teacher[key].shape)} differ; distil from the float graph of the same "
                                  "model (same queries, classes and batch)")
         t_logits, t_boxes = teacher["pred_logits"].detach(), teacher["pred_boxes"].detach()
+        weight = foreground_probability(t_logits, self.head) if self.boxes == "foreground" else None
         terms = {"kd.class": class_kl(student["pred_logits"], t_logits, self.head),
-                 "kd.bbox": box_l1(student["pred_boxes"], t_boxes),
-                 "kd.giou": box_giou_loss(student["pred_boxes"], t_boxes)}
+                 "kd.bbox": box_l1(student["pred_boxes"], t_boxes, weight),
+                 "kd.giou": box_giou_loss(student["pred_boxes"], t_boxes, weight)}
         terms["loss_kd"] = sum(self.weights[k.split(".")[1]] * v for k, v in terms.items())
         return terms
