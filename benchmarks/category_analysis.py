@@ -17,6 +17,9 @@
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/category_analysis.py --models detr_tiny deformable_detr_tiny \
          --out benchmarks/results/category_analysis.json
+and on the 64-category set (issue 15, deliverable 4; `fxq data synth --variant fine64`):
+     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/category_analysis.py --models deformable_detr_tiny_fine64 \
+         --data runs/synth64 --out benchmarks/results/category_analysis_fine64.json
 Deterministic (fixed seeds, ordered loaders, per-batch Fisher). Plots: benchmarks/results/category_fisher_<model>.png.
 """
 
@@ -36,7 +39,7 @@ from common import ROOT, loader, markdown, save
 from scipy.stats import spearmanr
 
 import fxq
-from fxq.data.synth import CLASSES
+from fxq.data.synth import variant_classes
 from fxq.evaluation import bootstrap_metrics, category_mean, compare, evaluate_model
 from fxq.passes import annotate_policy
 from fxq.ptq import float_graph, quantize_ptq
@@ -45,18 +48,19 @@ RESULTS = ROOT / "benchmarks" / "results"
 RELATED = [{"triangle", "inverted triangle"}, {"cross", "x"}]
 
 
-def fine_grained(cls) -> bool:
+def fine_grained(cls, classes) -> bool:
     """Has a sibling of the same colour differing only in fill or orientation (cross/x), or is the red/orange
     circle pair (fxq/data/synth.py's documented fine-grained pairs, and the same rule applied to all classes)."""
     if cls.name in ("red circle", "orange circle"):
         return True
     return any(o.name != cls.name and o.colour == cls.colour and
-               (o.shape == cls.shape or any({o.shape, cls.shape} <= r for r in RELATED)) for o in CLASSES)
+               (o.shape == cls.shape or any({o.shape, cls.shape} <= r for r in RELATED)) for o in classes)
 
 
 def category_attributes(ann_file: Path) -> dict[int, dict]:
     data = json.loads(ann_file.read_text())
-    fine = {c.name for c in CLASSES if fine_grained(c)}
+    classes = variant_classes(data.get("info", {}).get("variant", "shapes24"))
+    fine = {c.name for c in classes if fine_grained(c, classes)}
     out = {}
     for cat in data["categories"]:
         areas = np.array([a["area"] for a in data["annotations"] if a["category_id"] == cat["id"]])
@@ -239,7 +243,7 @@ def tables(result: dict, policies: list[str]) -> str:
         dec = [d for d in fis["decomposition"] if not d["objective"].startswith("cat:")]
         single = [d for d in fis["decomposition"] if d["objective"].startswith("cat:")]
         med = {k: float(np.median([d[k] for d in single])) for k in single[0] if k != "objective"}
-        dec.append({"objective": "cat:* (median of 24)", **med})
+        dec.append({"objective": f"cat:* (median of {len(single)})", **med})
         cols = ["objective", "share_ce", "share_bbox", "share_giou", "total_over_terms", "layers_box_gt_ce",
                 "rho_total_vs_LA", "rho_ce_vs_LA", "rho_box_vs_LA", "rho_ce_vs_LA_ce", "rho_box_vs_LA_box",
                 "share_ce_variant", "rho_variant_vs_LA"]
@@ -260,18 +264,21 @@ def main() -> None:
     p.add_argument("--boot-reps", type=int, default=50, help="image-bootstrap replicates per drop (0: none)")
     p.add_argument("--cat-reps", type=int, default=2000, help="category-bootstrap replicates per Spearman")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", type=Path, default=None, help="a synthetic set's folder (default runs/synth)")
     p.add_argument("--out", default=str(RESULTS / "category_analysis.json"))
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args()
     torch.manual_seed(args.seed)
-    val, calib = loader("val", args.val_images), loader("train", args.calib_images, batch_size=8)
-    fisher_loader = loader("train", args.fisher_images, batch_size=8)
+    val = loader("val", args.val_images, root=args.data)
+    calib = loader("train", args.calib_images, batch_size=8, root=args.data)
+    fisher_loader = loader("train", args.fisher_images, batch_size=8, root=args.data)
     gt = val.dataset.dataset.coco
     cats = category_attributes(Path(fisher_loader.dataset.dataset.ann_file))
     supers: dict[str, list[int]] = {}
     for c in sorted(cats):
         supers.setdefault(cats[c]["supercategory"], []).append(c)
-    result = {"args": vars(args), "categories": cats, "supercategories": supers, "models": {}}
+    plain_args = {**vars(args), "data": None if args.data is None else str(args.data)}
+    result = {"args": plain_args, "categories": cats, "supercategories": supers, "models": {}}
     start = time.perf_counter()
     for name in args.models:
         fgm = float_graph(fxq.models.build(name))

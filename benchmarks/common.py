@@ -26,9 +26,10 @@ def synthetic_root() -> Path:
     return SYNTH
 
 
-def loader(split: str, images: int, size: int = 160, batch_size: int = 16) -> DataLoader:
-    """The first ``images`` images of a synthetic split, resized to ``size``, in batches."""
-    ds = CocoDetection.from_folder(synthetic_root(), split, transforms=eval_transforms(size))
+def loader(split: str, images: int, size: int = 160, batch_size: int = 16, root: Path | None = None) -> DataLoader:
+    """The first ``images`` images of a split of ``root`` (default: the synthetic set), resized to ``size``, in
+    batches."""
+    ds = CocoDetection.from_folder(root or synthetic_root(), split, transforms=eval_transforms(size))
     return DataLoader(Subset(ds, range(min(images, len(ds)))), batch_size=batch_size, collate_fn=collate)
 
 

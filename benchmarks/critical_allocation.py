@@ -20,6 +20,9 @@ critical traces are checked against ``fisher_traces`` on the same images (``chec
 absolute difference of s_l over the layers, divided by the largest s_l).
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/critical_allocation.py
+and on the 64-category set (issue 15, deliverable 4):
+     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/critical_allocation.py --models deformable_detr_tiny_fine64 \
+         --data runs/synth64 --out benchmarks/results/critical_allocation_fine64.json
 Deterministic (ordered loaders, per-batch Fisher, fixed bootstrap seed).
 """
 
@@ -197,11 +200,13 @@ def main() -> None:
     p.add_argument("--val-images", type=int, default=250)
     p.add_argument("--boot-reps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", type=Path, default=None, help="a synthetic set's folder (default runs/synth)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "critical_allocation.json"))
     args = p.parse_args()
     args.settings = [([int(c) for c in s.split("@")[0].split(",")], float(s.split("@")[1])) for s in args.settings]
     torch.manual_seed(args.seed)
-    val, calib = loader("val", args.val_images), loader("train", args.calib_images, batch_size=8)
+    val = loader("val", args.val_images, root=args.data)
+    calib = loader("train", args.calib_images, batch_size=8, root=args.data)
     gt = val.dataset.dataset.coco
     crit_ids = resolve_categories(val.dataset.dataset.ann_file, [args.supercategory])
     crit_names = [gt.cats[c]["name"] for c in crit_ids]
@@ -212,7 +217,7 @@ def main() -> None:
 
     command = "OMP_NUM_THREADS=1 python benchmarks/critical_allocation.py " + " ".join(sys.argv[1:])
     result = {"command": command, "torch": torch.__version__,
-              "args": vars(args),
+              "args": {**vars(args), "data": None if args.data is None else str(args.data)},
               "critical": {"supercategory": args.supercategory, "ids": crit_ids, "names": crit_names},
               "models": {}}
     for name in args.models:

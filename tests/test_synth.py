@@ -11,7 +11,7 @@ from PIL import Image
 
 from fxq.cli import main
 from fxq.data import CocoDetection, resolve_categories, synth_categories, train_transforms, write_synthetic
-from fxq.data.synth import CLASSES, COLOURS
+from fxq.data.synth import CLASSES, COLOURS, FINE64
 from fxq.errors import InputError
 
 
@@ -92,6 +92,10 @@ def test_boxes_sizes_and_overlap(synth_set: Path) -> None:
 
 def test_pixels_match_annotations(synth_set: Path) -> None:
     """Filled shapes show their class colour at the box centre; outside boxes the clutter is grey."""
+    _check_pixels(synth_set, CLASSES)
+
+
+def _check_pixels(synth_set: Path, classes) -> None:
     data = json.loads((synth_set / "annotations" / "instances_val.json").read_text())
     hits = total = 0
     for im in data["images"]:
@@ -100,7 +104,7 @@ def test_pixels_match_annotations(synth_set: Path) -> None:
         for a in [a for a in data["annotations"] if a["image_id"] == im["id"]]:
             x, y, w, h = a["bbox"]
             outside[y : y + h, x : x + w] = False
-            cls = CLASSES[a["category_id"] - 1]
+            cls = classes[a["category_id"] - 1]
             if cls.hollow:
                 continue
             total += 1
@@ -109,6 +113,28 @@ def test_pixels_match_annotations(synth_set: Path) -> None:
         chroma = array.max(-1) - array.min(-1)
         assert (chroma[outside] < 40).mean() > 0.99
     assert hits / total > 0.85
+
+
+def test_fine64_variant_has_64_fine_grained_categories(tmp_path: Path) -> None:
+    out = tmp_path / "fine"
+    write_synthetic(out, seed=3, train=4, val=80, variant="fine64")
+    data = json.loads((out / "annotations" / "instances_val.json").read_text())
+    cats = data["categories"]
+    assert len(cats) == 64 == len({c["name"] for c in cats}) and data["info"]["variant"] == "fine64"
+    assert cats == synth_categories("fine64")
+    for cls in FINE64:
+        same_colour = [o for o in FINE64 if o.colour == cls.colour and o.supercategory == cls.supercategory]
+        same_shape = [o for o in FINE64 if (o.shape, o.hollow) == (cls.shape, cls.hollow)]
+        assert len(same_colour) == 2 and len(same_shape) == len(COLOURS), cls
+    assert max(a["category_id"] for a in data["annotations"]) > 24
+    _check_pixels(out, FINE64)
+    assert resolve_categories(out / "annotations" / "instances_val.json", ["person"]) == list(range(1, 17))
+    default = json.loads((tmp_path / "d" / "annotations" / "instances_val.json").read_text()
+                         if write_synthetic(tmp_path / "d", seed=3, train=1, val=1) else "")
+    assert "variant" not in default["info"] and len(default["categories"]) == len(CLASSES)
+    with pytest.raises(InputError, match="variants are"):
+        write_synthetic(tmp_path / "x", variant="fine65")
+    assert not (tmp_path / "x").exists()
 
 
 def test_loads_as_coco_detection(synth_set: Path) -> None:

@@ -10,8 +10,15 @@ triangle, green cross vs green x). Object sizes span COCO's small (< 32²), medi
 first. Background clutter (grey gradient, texture, lines, rings, pixel noise) is achromatic and never
 annotated.
 
+The ``fine64`` variant (issue 15's harder set) has 64 categories: every colour of :data:`COLOURS` × 8 shapes
+in 4 shape-family supercategories (``person``: circle, ring; ``vehicle``: square, hollow square; ``sign``:
+triangle, inverted triangle; ``animal``: cross, x). Every category has a sibling that differs in one shape
+attribute (fill or orientation) and seven that differ in colour, among them near colours (red / orange /
+magenta, blue / cyan / purple), so fine-grained groups are the rule rather than a few pairs.
+
 Layout: ``annotations/instances_{train,val}.json`` and ``{train,val}/000001.png ...``; image and annotation
-ids start at 1, category ids are 1..24. The same seed gives byte-identical files.
+ids start at 1, category ids are 1..N (N = 24, or 64 for ``fine64``). The same seed and variant give
+byte-identical files.
 """
 
 from __future__ import annotations
@@ -79,17 +86,35 @@ CLASSES: tuple[ShapeClass, ...] = (
     ShapeClass("magenta semicircle", "food", "semicircle", "magenta"),
 )
 
+FINE64_SHAPES = (("circle", "circle", False, "person"), ("ring", "circle", True, "person"),
+                 ("square", "square", False, "vehicle"), ("hollow square", "square", True, "vehicle"),
+                 ("triangle", "triangle", False, "sign"), ("inverted triangle", "inverted triangle", False, "sign"),
+                 ("cross", "cross", False, "animal"), ("x", "x", False, "animal"))
+FINE64: tuple[ShapeClass, ...] = tuple(
+    ShapeClass(f"{colour} {name}", supercategory, shape, colour, hollow)
+    for name, shape, hollow, supercategory in FINE64_SHAPES for colour in COLOURS)
+#: The category lists ``fxq data synth --variant`` writes.
+VARIANTS: dict[str, tuple[ShapeClass, ...]] = {"shapes24": CLASSES, "fine64": FINE64}
+
 ASPECT = {"bar": 2.5, "semicircle": 2.0}  # width / height; 1 otherwise
 SIZE_BUCKETS = (("small", 0.4, 10, 30), ("medium", 0.4, 34, 90), ("large", 0.2, 98, 150))
 MAX_COVER = 0.35  # largest share of the smaller box another box may cover
 SPLITS = {"train": 1, "val": 2}  # split -> stream id of the random generator
 
 
-def synth_categories() -> list[dict]:
-    """COCO ``categories`` of the synthetic set (ids 1..24)."""
+def synth_categories(variant: str = "shapes24") -> list[dict]:
+    """COCO ``categories`` of the synthetic set's ``variant`` (ids 1..N)."""
     return [
-        {"id": i, "name": c.name, "supercategory": c.supercategory} for i, c in enumerate(CLASSES, start=1)
+        {"id": i, "name": c.name, "supercategory": c.supercategory}
+        for i, c in enumerate(variant_classes(variant), start=1)
     ]
+
+
+def variant_classes(variant: str) -> tuple[ShapeClass, ...]:
+    """The categories of ``variant``; InputError naming the known variants."""
+    if variant not in VARIANTS:
+        raise InputError(f"synthetic variant {variant!r} is unknown; the variants are {sorted(VARIANTS)}")
+    return VARIANTS[variant]
 
 
 def write_synthetic(
@@ -100,6 +125,7 @@ def write_synthetic(
     size: int = 160,
     max_objects: int = 6,
     overwrite: bool = False,
+    variant: str = "shapes24",
 ) -> dict[str, Path]:
     """Write the synthetic set to ``out``; returns ``{split: annotation file}``.
 
@@ -107,12 +133,13 @@ def write_synthetic(
     is replaced only with ``overwrite=True``.
     """
     out = Path(out)
+    variant_classes(variant)
     _check_args(out, seed, train, val, size, max_objects, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         for split, count in (("train", train), ("val", val)):
-            write_split(staging, split, seed, count, size, max_objects)
+            write_split(staging, split, seed, count, size, max_objects, variant)
         _swap_in(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -120,14 +147,16 @@ def write_synthetic(
     return {split: out / "annotations" / f"instances_{split}.json" for split in ("train", "val")}
 
 
-def write_split(root: Path, split: str, seed: int, count: int, size: int, max_objects: int = 6) -> Path:
+def write_split(root: Path, split: str, seed: int, count: int, size: int, max_objects: int = 6,
+                variant: str = "shapes24") -> Path:
     """Write ``count`` images of ``split`` under ``root`` and their annotation file; returns the file."""
+    classes = variant_classes(variant)
     (root / split).mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for image_id in range(1, count + 1):
         rng = np.random.default_rng([int(seed), SPLITS[split], image_id])
-        image, objects = render_image(rng, size, max_objects)
+        image, objects = render_image(rng, size, max_objects, classes)
         file_name = f"{image_id:06d}.png"
         image.save(root / split / file_name, format="PNG")
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
@@ -144,25 +173,29 @@ def write_split(root: Path, split: str, seed: int, count: int, size: int, max_ob
                     "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
                 }
             )
+    info = {"description": "fxq synthetic shapes", "version": "1", "seed": int(seed), "split": split}
+    if variant != "shapes24":  # the default set's files stay byte-identical to those written before variants
+        info["variant"] = variant
     data = {
-        "info": {"description": "fxq synthetic shapes", "version": "1", "seed": int(seed), "split": split},
+        "info": info,
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": synth_categories(),
+        "categories": synth_categories(variant),
     }
     path = root / "annotations" / f"instances_{split}.json"
     path.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
     return path
 
 
-def render_image(rng: np.random.Generator, size: int, max_objects: int = 6) -> tuple[Image.Image, list]:
+def render_image(rng: np.random.Generator, size: int, max_objects: int = 6,
+                 classes: tuple[ShapeClass, ...] = CLASSES) -> tuple[Image.Image, list]:
     """One RGB image and its objects ``[(category_id, (x0, y0, x1, y1)), ...]`` (x1, y1 exclusive)."""
     image = Image.fromarray(_background(rng, size))
-    placed = _place_objects(rng, size, max_objects)
+    placed = _place_objects(rng, size, max_objects, classes)
     objects = []
     for category_id, box in sorted(placed, key=lambda o: -(o[1][2] - o[1][0]) * (o[1][3] - o[1][1])):
-        cls = CLASSES[category_id - 1]
+        cls = classes[category_id - 1]
         mask = Image.new("L", (size, size), 0)
         _draw_shape(ImageDraw.Draw(mask), cls, box)
         bbox = mask.getbbox()
@@ -197,13 +230,14 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.asarray(image.filter(ImageFilter.SMOOTH))
 
 
-def _place_objects(rng: np.random.Generator, size: int, max_objects: int) -> list[tuple[int, tuple]]:
+def _place_objects(rng: np.random.Generator, size: int, max_objects: int,
+                   classes: tuple[ShapeClass, ...]) -> list[tuple[int, tuple]]:
     """Random categories and boxes, each box overlapping any other by at most MAX_COVER of the smaller one."""
     count = int(rng.integers(1, max_objects + 1))
     boxes: list[tuple[int, tuple]] = []
     for _ in range(count):
-        category_id = int(rng.integers(1, len(CLASSES) + 1))
-        aspect = ASPECT.get(CLASSES[category_id - 1].shape, 1.0)
+        category_id = int(rng.integers(1, len(classes) + 1))
+        aspect = ASPECT.get(classes[category_id - 1].shape, 1.0)
         for _attempt in range(20):
             side = _side(rng, size)
             w = min(size - 2.0, side * math.sqrt(aspect))

@@ -25,6 +25,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "deformable_detr_r50_box_refine": ("deformable_detr", {"with_box_refine": True}),
     "deformable_detr_r50_two_stage": ("deformable_detr", {"with_box_refine": True, "two_stage": True}),
     "deformable_detr_tiny": ("deformable_detr", TINY_DEFORMABLE),
+    # issue 15's harder synthetic set: fxq data synth --variant fine64 (64 categories, ids 1..64)
+    "deformable_detr_tiny_fine64": ("deformable_detr", {**TINY_DEFORMABLE, "num_classes": 65}),
 }
 
 
