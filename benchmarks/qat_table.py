@@ -13,8 +13,8 @@ AP of the categories the _fr_hurt runs' regularizer was computed on (their confi
 critical AP
 on the first 250 training images the run's sampler drew (epoch 0, in order; fp32 and PTQ: those of the seed-0
 runs); minutes (QAT: the run log's last "time"; PTQ: calibration). Differences, each with a paired bootstrap
-interval over validation images (fxq.evaluation.bootstrap_metrics; all rows share the draws): every QAT row vs
-PTQ (AP), +FR (_fr_person: L_F on the person supercategory; _fr_hurt: on the 5 most-hurt categories) vs the same
+interval over validation images (fxq.evaluation.bootstrap_metrics; all rows share the draws): every 4-4-8 QAT
+row vs PTQ (AP; the w4a8_ / w2a4_ rows have no PTQ row at their policy), +FR (_fr_person: L_F on the person supercategory; _fr_hurt: on the 5 most-hurt categories) vs the same
 run without it (AP, critical AP, most-hurt AP), and each distillation row (_kd, _drd, _aq
 and their combinations) vs plain qat of the same seed and policy (AP, AP50, critical AP, most-hurt AP).
 
@@ -50,9 +50,10 @@ from fxq.train.sampler import EpochBatchSampler
 #: lp:3 for both: the best fast method at 4-4-8 (RESULTS.md: detr_tiny lp:3 0.439; deformable_detr_tiny lp:3
 #: 0.765, DetPTQ 0.774 but 5 min of calibration, too slow for this table's budget).
 BEST_PTQ = {"detr_tiny": "lp:3", "deformable_detr_tiny": "lp:3"}
-RUN_ORDER = ["qat", "qat_kd", "qat_drd", "qat_drdw0", "qat_drdw0.3", "qat_aq", "qat_drd_aq", "qat_fr_person",
-             "qat_kd_fr_person", "qat_fr_hurt", "qat_kd_fr_hurt", "qat_seed1", "qat_fr_person_seed1",
-             "qat_fr_hurt_seed1", "qat_kd_seed1", "qat_kd_fr_hurt_seed1"]
+RUN_ORDER = ["qat", "qat_kd", "qat_kdfg", "qat_drd", "qat_drdw0", "qat_drdw0.3", "qat_aq", "qat_drd_aq",
+             "qat_fr_person", "qat_kd_fr_person", "qat_fr_hurt", "qat_kd_fr_hurt", "qat_seed1", "qat_fr_person_seed1",
+             "qat_fr_hurt_seed1", "qat_kd_seed1", "qat_kd_fr_hurt_seed1", "w4a8_qat", "w4a8_qat_fr_person",
+             "w2a4_qat", "w2a4_qat_fr_person"]
 METRICS = {"AP": "AP", "AP50": "AP50", "critical_AP": "critical_mAP"}  # + most_hurt_AP, per model
 HURT = 5
 
@@ -196,13 +197,13 @@ def _differences(name: str, names: list[str], boot: dict) -> list[dict]:
     row vs plain qat of its seed."""
     if name in ("fp32", "ptq"):
         return []
-    pairs = [("ptq", ["AP"])]
+    pairs = [] if re.match(r"w\da\d_", name) else [("ptq", ["AP"])]  # the PTQ row is at 4-4-8
     without_fr = re.sub(r"_fr_(person|hurt)", "", name)
     if without_fr != name and without_fr in names:
         keys = ["AP", "critical_AP", "most_hurt_AP"] + (["fr_set_AP"] if "_fr_hurt" in name else [])
         pairs.append((without_fr, keys))
     # qat_drd_aq_seed1 -> qat_seed1, w2a4_qat_aq -> w2a4_qat, qat_drdw0.3 -> qat
-    plain = re.sub(r"_(kd|drd|aq|drdw[0-9.]+)(?=_|$)", "", name)
+    plain = re.sub(r"_(kd|kdfg|drd|aq|drdw[0-9.]+)(?=_|$)", "", name)
     if plain != name and without_fr == name and plain in names:
         pairs.append((plain, ["AP", "AP50", "critical_AP", "most_hurt_AP"]))
     out = []
