@@ -14,9 +14,10 @@ critical AP
 on the first 250 training images the run's sampler drew (epoch 0, in order; fp32 and PTQ: those of the seed-0
 runs); minutes (QAT: the run log's last "time"; PTQ: calibration). Differences, each with a paired bootstrap
 interval over validation images (fxq.evaluation.bootstrap_metrics; all rows share the draws): every 4-4-8 QAT
-row vs PTQ (AP; the w4a8_ / w2a4_ rows have no PTQ row at their policy), +FR (_fr_person: L_F on the person supercategory; _fr_hurt: on the 5 most-hurt categories) vs the same
-run without it (AP, critical AP, most-hurt AP), and each distillation row (_kd, _drd, _aq
-and their combinations) vs plain qat of the same seed and policy (AP, AP50, critical AP, most-hurt AP).
+row vs PTQ (AP; the w4a8_ / w2a4_ rows have no PTQ row at their policy), +FR (_fr_person: L_F on the person
+supercategory; _fr_hurt: on the 5 most-hurt categories) vs the same run without it (AP, critical AP, most-hurt
+AP), and each distillation row (_kd, _kdfg, _drd, _aq and their combinations) vs plain qat of the same seed and
+policy (AP, AP50, critical AP, most-hurt AP).
 
 Under the tables: the overfitting analysis (issue 15, deliverable 6), per category group and per category, AP on
 the training vs the validation images for fp32, PTQ and the seed-0 QAT rows, each row's change of the train − val
