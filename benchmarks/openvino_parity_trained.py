@@ -36,8 +36,8 @@ def output_differences(gm, images: torch.Tensor) -> list[dict]:
     for a, b in (("onnxruntime", "fake-quant"), ("openvino", "fake-quant"), ("openvino", "onnxruntime")):
         logits = (outputs[a]["pred_logits"] - outputs[b]["pred_logits"]).abs()
         boxes = (outputs[a]["pred_boxes"] - outputs[b]["pred_boxes"]).abs()
-        rows.append({"pair": f"{a} vs {b}", "max |Δ logits|": logits.max().item(),
-                     "mean |Δ logits|": logits.mean().item(), "max |Δ boxes|": boxes.max().item()})
+        rows.append({"pair": f"{a} vs {b}", "max abs Δ logits": logits.max().item(),
+                     "mean abs Δ logits": logits.mean().item(), "max abs Δ boxes": boxes.max().item()})
     return rows
 
 
