@@ -19,7 +19,7 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/category_analysis.py --models
          --out benchmarks/results/category_analysis.json
 and on the 64-category set (issue 15, deliverable 4; `fxq data synth --variant fine64`):
      OMP_NUM_THREADS=1 .venv/bin/python benchmarks/category_analysis.py --models deformable_detr_tiny_fine64 \
-         --data runs/synth64 --out benchmarks/results/category_analysis_fine64.json
+         --data runs/synth64 --methods-of deformable_detr_tiny --out benchmarks/results/category_analysis_fine64.json
 Deterministic (fixed seeds, ordered loaders, per-batch Fisher). Plots: benchmarks/results/category_fisher_<model>.png.
 """
 
@@ -103,7 +103,7 @@ def evaluate_policies(name, fgm, args, val, calib, gt, cats):
     runs, boots, metrics = {}, {}, {}
     for policy in ["fp32", *args.policies]:
         start = time.perf_counter()
-        method = "-" if policy == "fp32" else (args.method or best_method(name, policy))
+        method = "-" if policy == "fp32" else (args.method or best_method(args.methods_of or name, policy))
         gm = fgm if policy == "fp32" else quantize_ptq(fgm, calib, policy, method, progress=False)
         m = evaluate_model(gm, val, gt, progress=False)
         ap = {row["id"]: row["AP"] for row in m["categories"]}
@@ -258,6 +258,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["detr_tiny", "deformable_detr_tiny"])
     p.add_argument("--policies", nargs="+", default=["W4A8", "W4A4", "4-4-8"])
     p.add_argument("--method", default=None, help="one PTQ method for every policy (default: best in ptq.json)")
+    p.add_argument("--methods-of", default=None, metavar="MODEL",
+                   help="take the best PTQ methods of MODEL's rows in ptq.json (a model without its own rows)")
     p.add_argument("--val-images", type=int, default=250)
     p.add_argument("--calib-images", type=int, default=32)
     p.add_argument("--fisher-images", type=int, default=32)
