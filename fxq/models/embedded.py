@@ -33,12 +33,24 @@ def publish(run_dir: str | Path, name: str, target: str | Path | None = None) ->
     curve = [{"step": r["step"], "loss": round(r["loss"], 3)} for r in log[:: max(1, len(log) // 20)]]
     argv = json.loads((run / "config.json").read_text())["argv"]
     record = {
-        "data_command": f"fxq data synth --out {argv['data']} --seed 0 --train 4000 --val 500 --size 160",
+        "data_command": _data_command(Path(argv["data"])),
         "command": _command("train", argv), "seed": argv["seed"], "steps": log[-1]["step"],
         "train_seconds": round(log[-1]["time"]), "eval_full_precision": json.loads((run / "eval.json").read_text()),
         "loss_curve": curve, "storage": "float16 state_dict, loaded into float32 models"}
     write_json(target / f"{name}.json", {**record, **_backbone_record(argv.get("backbone_from"), record)})
     return target / f"{name}.pt"
+
+
+def _data_command(data: Path) -> str:
+    """The ``fxq data synth`` command that writes the synthetic set ``data`` (from its annotation files)."""
+    import json
+
+    splits = {s: json.loads((data / "annotations" / f"instances_{s}.json").read_text()) for s in ("train", "val")}
+    info, images = splits["train"].get("info", {}), splits["train"]["images"]
+    variant = info.get("variant")
+    return (f"fxq data synth --out {data} --seed {info.get('seed', 0)} --train {len(images)} "
+            f"--val {len(splits['val']['images'])} --size {images[0]['width']}"
+            + (f" --variant {variant}" if variant else ""))
 
 
 def _backbone_record(source: str | None, record: dict) -> dict:
