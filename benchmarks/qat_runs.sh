@@ -2,8 +2,8 @@
 # The QAT runs behind benchmarks/qat_table.py: benchmarks/qat_runs.sh MODEL ROW... (one thread each; two queues
 # share the 2 cores). Rows: qat, qat_fr_person, qat_kd, qat_kd_fr_person, qat_seed1, qat_fr_person_seed1,
 # w4a8_qat, w4a8_qat_fr_person, w2a4_qat, w2a4_qat_fr_person, and the distillation rows of issue 14: qat_drd,
-# qat_aq, qat_drd_aq (names compose: _kd, _drd, _aq select --distill methods; _kdfg is KD with
-# --kd-boxes foreground; _drdw<λ> is DRD with
+# qat_aq, qat_drd_aq (names compose: _kd, _drd, _aq select --distill methods; _kd is KD with --kd-boxes all, the
+# first implementation, _kdfg KD with --kd-boxes foreground, today's default; _drdw<λ> is DRD with
 # --drd-weight λ, qat_drdw0 distribution alignment alone); _fr_hurt is the regularizer with L_F on issue 13's
 # critical set (a): the 5 categories uniform 4-4-8 PTQ hurts most on the validation images (RESULTS.md, QAT).
 # Environment: RUNS (default runs/qat), STEPS (default 250) and EPOCHS (default 1; training stops at whichever
@@ -42,8 +42,10 @@ for name in "$@"; do
   for m in kd drd aq; do [[ $name == *_${m}_* || $name == *_${m} ]] && methods+=("$m"); done
   # _drdw<λ>: DRD with λ_DRD = λ (qat_drdw0: distribution alignment alone, no DRD loss)
   if [[ $name =~ _drdw([0-9.]+) ]]; then methods+=(drd); args+=(--drd-weight "${BASH_REMATCH[1]}"); fi
-  # _kdfg: KD with the box terms weighted by the teacher's foreground probability (--kd-boxes foreground)
+  # _kdfg: KD with the box terms weighted by the teacher's foreground probability (--kd-boxes foreground, today's
+  # default); _kd: the first implementation's KD, box terms over all queries alike (--kd-boxes all)
   if [[ $name == *_kdfg* ]]; then methods=(kd "${methods[@]}"); args+=(--kd-boxes foreground); fi
+  if [[ $name == *_kd_* || $name == *_kd ]]; then args+=(--kd-boxes all); fi
   if (( ${#methods[@]} )); then args+=(--distill "$(IFS=+; echo "${methods[*]}")"); fi
   [[ $name == *fr_person* ]] && args+=("${FR[@]}")
   [[ $name == *fr_hurt* ]] && args+=("${FR[@]}" --critical "${HURT[@]}")

@@ -225,7 +225,7 @@ def qat_loss(student: DetectorGraph, options: Mapping, critical_ids: list[int] |
     if "kd" in methods:
         scale = options.get("kd_weight", 1.0)
         terms.append(Distillation(student.head, {k: scale * w for k, w in DEFAULT_WEIGHTS.items()},
-                                  boxes=options.get("kd_boxes", "all")))
+                                  boxes=options.get("kd_boxes", "foreground")))
     if "drd" in methods:
         terms.append(RectificationDistillation(options.get("drd_weight", DRD_WEIGHT), options.get("drd_tau", TAU)))
     if "aq" in methods:

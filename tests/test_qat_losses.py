@@ -202,7 +202,7 @@ def test_distillation_terms_equal_direct_computations(head):
     student, teacher = _outputs(2, 5, 7, 0), _outputs(2, 5, 7, 1)
     student = {k: v.requires_grad_() for k, v in student.items()}
     teacher = {k: v.requires_grad_() for k, v in teacher.items()}
-    terms = Distillation(head, weights={"giou": 0.0})(student, teacher)
+    terms = Distillation(head, weights={"giou": 0.0}, boxes="all")(student, teacher)
     for key, value in _direct(student, teacher, head).items():
         assert terms[key].item() == pytest.approx(value, rel=1e-5), key
     assert terms["loss_kd"].item() == pytest.approx(terms["kd.class"].item() + 5 * terms["kd.bbox"].item(), rel=1e-6)
@@ -229,7 +229,8 @@ def test_foreground_weighted_box_distillation_equals_direct_computation(head):
     after = Distillation(head, boxes="foreground")(moved, teacher)
     for key in ("kd.bbox", "kd.giou"):
         assert after[key].item() == pytest.approx(before[key].item(), abs=1e-9), key
-    assert Distillation(head)(moved, teacher)["kd.bbox"] != Distillation(head)(student, teacher)["kd.bbox"]
+    uniform = Distillation(head, boxes="all")
+    assert uniform(moved, teacher)["kd.bbox"] != uniform(student, teacher)["kd.bbox"]
 
 
 def test_distillation_bad_input():

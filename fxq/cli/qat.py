@@ -43,9 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "drd (Q-DETR: distribution alignment of the decoder queries + foreground-aware DRD), aq "
                         "(AQ-DETR: auxiliary query groups + encoder attention distillation); e.g. drd+aq")
     p.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KD loss (default 1)")
-    p.add_argument("--kd-boxes", choices=("all", "foreground"), default="all",
-                   help="queries the KD box terms average over: all alike (default), or weighted by the teacher's "
-                        "foreground probability")
+    p.add_argument("--kd-boxes", choices=("all", "foreground"), default="foreground",
+                   help="queries the KD box terms average over: weighted by the teacher's foreground probability "
+                        "(default), or all alike (the first implementation's KD)")
     p.add_argument("--drd-weight", type=float, default=3.0, help="λ_DRD (default 3, Q-DETR's unofficial code)")
     p.add_argument("--drd-tau", type=float, default=0.5, help="τ of the foreground-aware matching (default 0.5)")
     p.add_argument("--aux-groups", type=int, default=1,

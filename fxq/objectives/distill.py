@@ -10,11 +10,12 @@ over the B·Q queries:
 - ``kd.bbox``: Σ over the four cxcywh coordinates of |b_S − b_T|;
 - ``kd.giou``: 1 − GIoU(b_S, b_T).
 
-The box terms average over the queries uniformly (``boxes="all"``, the first implementation) or weighted by the
-teacher's foreground probability w_q (``boxes="foreground"``: Σ_q w_q·d_q / Σ_q w_q, w_q = 1 − p_T(no object) for
-a softmax head, max_c σ(z_T,c) for a sigmoid head). With uniform weights the box terms are dominated by background
-queries, whose boxes carry no detection (on deformable_detr_tiny 91% of the queries, with 5× the foreground
-queries' GIoU distance after PTQ) — a choice of fxq's, the issue fixing only "class term + box L1 (+ GIoU)".
+The box terms are weighted by the teacher's foreground probability w_q (``boxes="foreground"``, the default:
+Σ_q w_q·d_q / Σ_q w_q, w_q = 1 − p_T(no object) for a softmax head, max_c σ(z_T,c) for a sigmoid head), or
+average over the queries uniformly (``boxes="all"``, the first implementation). With uniform weights background
+queries, whose boxes carry no detection, dominate the box terms (on deformable_detr_tiny 91% of the queries, with
+5× the foreground queries' GIoU distance after PTQ) — a choice of fxq's, the issue fixing only "class term + box
+L1 (+ GIoU)".
 
 ``loss_kd`` = Σ weights[term]·term; default weights class 1, bbox 5, giou 2 (the ratios of DETR's criterion);
 a weight of 0 drops a term from ``loss_kd`` (it is still returned for logging). Teacher outputs are detached.
@@ -80,7 +81,7 @@ class Distillation:
 
     name = "kd"
 
-    def __init__(self, head: str, weights: Mapping[str, float] | None = None, boxes: str = "all") -> None:
+    def __init__(self, head: str, weights: Mapping[str, float] | None = None, boxes: str = "foreground") -> None:
         self.head = check_head(head)
         if boxes not in BOX_WEIGHTINGS:
             raise InputError(f"box distillation weighting {boxes!r} is unknown; use one of {list(BOX_WEIGHTINGS)}")
