@@ -172,3 +172,6 @@ def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert Image.open(out / "val" / "000002.png").size == (96, 96)
     assert main(["data", "synth", "--out", str(out), "--train", "1", "--val", "1"]) == 2
     assert "not empty" in capsys.readouterr().err
+    fine = tmp_path / "fine"
+    assert main(["data", "synth", "--out", str(fine), "--train", "1", "--val", "1", "--variant", "fine64"]) == 0
+    assert "64 categories in 4 supercategories" in capsys.readouterr().out
