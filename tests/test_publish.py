@@ -7,6 +7,7 @@ import json
 import torch
 
 from fxq.cli import build_parser
+from fxq.data import write_synthetic
 from fxq.models.embedded import publish
 
 
@@ -53,3 +54,21 @@ def test_a_backbone_from_embedded_weights_is_recorded_with_their_command(tmp_pat
     made = json.loads(embedded.embedded_weights("deformable_detr_tiny").with_suffix(".json").read_text())
     assert record["backbone_command"] == made["command"]
     assert record["total_seconds"] == made["train_seconds"] + 100
+
+
+def test_the_data_command_rewrites_the_run_s_synthetic_set(tmp_path):
+    data, run, out = tmp_path / "data", tmp_path / "run", tmp_path / "weights"
+    write_synthetic(data, seed=2, train=3, val=2, size=96, variant="fine64")
+    argv = vars(build_parser().parse_args(["train", "deformable_detr_tiny_fine64", "--data", str(data), "--out",
+                                           str(run)]))
+    _run(run, {k: v for k, v in argv.items() if k != "func"}, 10.0, extra="eval.json")
+    torch.save({"w": torch.ones(2)}, run / "model.pt")
+    publish(run, "m", target=out)
+    command = json.loads((out / "m.json").read_text())["data_command"].split()
+    again = tmp_path / "again"
+    command[command.index("--out") + 1] = str(again)
+    assert command[:3] == ["fxq", "data", "synth"]
+    args = build_parser().parse_args(command[1:])
+    assert args.func(args) == 0
+    for name in ("annotations/instances_train.json", "annotations/instances_val.json", "val/000002.png"):
+        assert (again / name).read_bytes() == (data / name).read_bytes(), name

@@ -41,10 +41,13 @@ def publish(run_dir: str | Path, name: str, target: str | Path | None = None) ->
     return target / f"{name}.pt"
 
 
-def _data_command(data: Path) -> str:
-    """The ``fxq data synth`` command that writes the synthetic set ``data`` (from its annotation files)."""
+def _data_command(data: Path) -> str | None:
+    """The ``fxq data synth`` command that writes the synthetic set ``data`` (from its annotation files); None
+    when the set is not there any more."""
     import json
 
+    if not all((data / "annotations" / f"instances_{s}.json").is_file() for s in ("train", "val")):
+        return None
     splits = {s: json.loads((data / "annotations" / f"instances_{s}.json").read_text()) for s in ("train", "val")}
     info, images = splits["train"].get("info", {}), splits["train"]["images"]
     variant = info.get("variant")
