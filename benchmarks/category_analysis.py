@@ -17,9 +17,11 @@
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/category_analysis.py --models detr_tiny deformable_detr_tiny \
          --out benchmarks/results/category_analysis.json
-and on the 64-category set (issue 15, deliverable 4; `fxq data synth --variant fine64`):
+and on the 64-category set (issue 15, deliverable 4) with 2000 validation images (the same first 64 training
+images; `fxq data synth --out runs/synth64_val2k --variant fine64 --seed 0 --train 64 --val 2000 --size 160`):
      OMP_NUM_THREADS=1 .venv/bin/python benchmarks/category_analysis.py --models deformable_detr_tiny_fine64 \
-         --data runs/synth64 --methods-of deformable_detr_tiny --out benchmarks/results/category_analysis_fine64.json
+         --data runs/synth64_val2k --val-images 2000 --methods-of deformable_detr_tiny \
+         --out benchmarks/results/category_analysis_fine64_val2k.json
 Deterministic (fixed seeds, ordered loaders, per-batch Fisher). Plots: benchmarks/results/category_fisher_<model>.png.
 """
 
