@@ -140,11 +140,18 @@ class _Mark(torch.autograd.Function):
 
 
 class Marker(nn.Module):
-    """Stands in for one quantizer during export."""
+    """Stands in for one quantizer during export (``point``: its exported parameters)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, point: QuantPoint | None = None) -> None:
         super().__init__()
-        self.name = name
+        self.name, self.point = name, point
+
+    def uint8_qparams(self) -> tuple[float, int] | None:
+        """As :meth:`fxq.quant.FakeQuantizer.uint8_qparams`, from the exported point."""
+        p = self.point
+        if p is None or not p.enabled or p.axis is not None or p.bits > 8:
+            return None
+        return float(p.scale.reshape(-1)[0]), int(p.zero_point.reshape(-1)[0]) - p.qrange.qmin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
@@ -166,7 +173,7 @@ def markers_installed(gm: torch.fx.GraphModule, points: Mapping[str, QuantPoint]
             parent, _, leaf = node.target.rpartition(".")
             owner = gm.get_submodule(parent)
             saved[node.target] = owner._modules[leaf]
-            owner._modules[leaf] = Marker(node.name) if points[node.name].enabled else _Identity()
+            owner._modules[leaf] = Marker(node.name, points[node.name]) if points[node.name].enabled else _Identity()
         yield
     finally:
         for target, module in saved.items():

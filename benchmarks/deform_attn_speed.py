@@ -10,7 +10,9 @@ decoder (300 queries at random reference points); (a') one MSDeformAttn encoder 
 deformable_detr_r50 (random weights, seed 0), traced and exported as `fxq bench` exports its float row
 (float_graph, lower_to_onnx opset 17, dynamic shapes). Variants: the file exported in the GridSample form
 (``ms_deform_attn_fast.export_form("grid_sample")``) and in the Gather form (fxq's default); both compute the
-sampling locations with ``sampling_locations_from_points_fast``.
+sampling locations with ``sampling_locations_from_points_fast``. (a) also times the int8 core
+(fxq/models/ms_deform_attn_int8.py: uint8 value table, per-row uint8 corner weights, MatMulInteger; the value's
+min-max scale), whose max |Δ| column is its quantization error, not a rounding difference.
 
 Each group's variants are timed in one spawned process, interleaved round by round (every round: ``runs`` calls of
 each), so the drift of a shared machine hits them alike. Reported per variant: median, p10 and p90 of the
@@ -24,6 +26,7 @@ names another path).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import statistics
@@ -41,6 +44,7 @@ from torch import nn
 
 import fxq
 import fxq.models.ms_deform_attn as msda
+import fxq.models.ms_deform_attn_int8 as int8
 from fxq.backends import lower_to_onnx
 from fxq.bench.timing import in_fresh_process, op_times, profile_onnx
 from fxq.io import write_json
@@ -124,9 +128,12 @@ def core_group(queries: int, folder: Path) -> tuple[dict[str, Path], dict[str, n
     names = ["value", "locations", "weights", *level_names]
     dynamic = {"value": {1: "S"}, "locations": {1: "Q"}, "weights": {1: "Q"}, **level_axes}
     inputs = [value, locations, weights, *levels]
+    scale, zero_point = int8.value_qparams(value)
+    cores = (("GridSample form", msda.ms_deform_attn_core), ("Gather form", fast.ms_deform_attn_core_fast),
+             ("Gather form, int8", functools.partial(int8.ms_deform_attn_core_int8, value_scale=scale,
+                                                     value_zero_point=zero_point)))
     paths = {name: _export(_Core(core), inputs, names, dynamic, folder / f"core{queries}-{i}.onnx")
-             for i, (name, core) in enumerate((("GridSample form", msda.ms_deform_attn_core),
-                                               ("Gather form", fast.ms_deform_attn_core_fast)))}
+             for i, (name, core) in enumerate(cores)}
     return paths, {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
 
 

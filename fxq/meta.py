@@ -165,7 +165,7 @@ MODEL: Key[ModelInfo] = declare(
 MODULE: Key[str] = declare(
     "fxq.module", str, "fxq.tracer",
     (_B + "onnx_export", _B + "runtime_lower", _P + "distribution_alignment", _P + "insert_quant", _P + "policy",
-     _P + "report", _P + "runtime_prep", _P + "tie_groups", _P + "training_graph"),
+     _P + "report", _P + "runtime_prep", _P + "sampling_values", _P + "tie_groups", _P + "training_graph"),
     "dotted path of the module whose forward created the node (state_dict prefix)")
 ROLE: Key[str] = declare(
     "fxq.role", str, "fxq.tracing",
@@ -190,7 +190,8 @@ WEIGHT: Key[str | None] = declare(
 QSPEC: Key[QSpec] = declare(
     "fxq.qspec", "QSpec", _P + "policy",
     (_B + "runtime_lower", _P + "allocate", _P + "insert_quant", _P + "precision", _P + "prepare_qat",
-     _P + "quantize", _P + "report", _P + "runtime_prep", _P + "sensitivity", "fxq.cli.report_html"),
+     _P + "quantize", _P + "report", _P + "runtime_prep", _P + "sampling_values", _P + "sensitivity",
+     "fxq.cli.report_html"),
     "how the node is quantized (fxq.quant.QSpec); absent: the node stays float", saved=True)
 QUANTIZER: Key[QuantizerRecord] = declare(
     "fxq.quantizer", QuantizerRecord, _P + "insert_quant",

@@ -39,7 +39,9 @@ class TargetProfile:
     their range) so that the integer kernels run them; ``weight_storage_bits``: narrower weights are stored at
     this width (same integers) for a runtime whose 4-bit weights are weight-only; ``space_to_depth_convs``:
     strided convs on few channels (the stem) run as space-to-depth + a stride-1 conv; ``qdq_on_weighted_inputs``:
-    activation Q/DQ sit directly on the weighted op's input (moved below Transpose / Reshape); ``integer_kernels``: the
+    activation Q/DQ sit directly on the weighted op's input (moved below Transpose / Reshape);
+    ``int8_sampling_core``: Deformable DETR's sampling core runs on a uint8 value table with MatMulInteger
+    (:func:`fxq.passes.sampling_values.quantize_sampling_values`); ``integer_kernels``: the
     op types that are integer kernels on this runtime (the lowering report's and ``fxq bench``'s "integer"
     column); ``verified``: whether the tests check this profile's facts on this machine.
     """
@@ -59,13 +61,14 @@ class TargetProfile:
     weight_storage_bits: int | None = None
     space_to_depth_convs: bool = False
     qdq_on_weighted_inputs: bool = False
+    int8_sampling_core: bool = False
     integer_kernels: tuple[str, ...] = ()
     verified: bool = False
 
     @property
     def prepares_graph(self) -> bool:
         """Whether the quantized graph must change for this runtime (output quantizers or int32 biases)."""
-        return self.conv_needs_output_q or self.int32_conv_bias
+        return self.conv_needs_output_q or self.int32_conv_bias or self.int8_sampling_core
 
 
 #: Op types ORT CPU runs as integer kernels (QDQ fusions and ``quantize_static``'s QOperator output).
@@ -79,7 +82,7 @@ _ORT_CPU = TargetProfile(
     "QLinearMatMul and MatMulIntegerToFloat; int4 only through MatMulNBits (weight-only) or as storage",
     conv_needs_output_q=True, output_quantizer_bits=8, int32_conv_bias=True, native_bits=(8,),
     cast_narrow_weights=True, weight_only_nbits=True, activation_storage_bits=8, space_to_depth_convs=True,
-    integer_kernels=_ORT_CPU_KERNELS, verified=True)
+    int8_sampling_core=True, integer_kernels=_ORT_CPU_KERNELS, verified=True)
 
 #: OpenVINO CPU layers ("layer type/runtime precision" of its runtime model) that compute in int8 (a Subgraph is
 #: a fused kernel, e.g. attention's MatMul + Softmax + MatMul), and its compressed-weight FullyConnected.
@@ -107,6 +110,7 @@ TARGETS: dict[str, TargetProfile] = {
         "file of the tensorrt target, lowered only where that provider is installed", engine="onnxruntime"),
     "openvino": dataclasses.replace(
         _ORT_CPU, name="openvino", provider="CPU", engine="openvino", weight_only_nbits=False,
+        int8_sampling_core=False,  # measured: OpenVINO 2026.4 ran Deformable DETR-R50 slower than fp32 with it
         integer_kernels=_OPENVINO_KERNELS, description="OpenVINO CPU: the ort-cpu placement (measured fastest there "
         "too: output-quantized convs and residual adds keep the backbone int8 layer to layer); u8 × s8 Convolution "
         "and FullyConnected in int8, attention matmuls in fp32 (OpenVINO runs them in int8 only with signed "

@@ -2,7 +2,8 @@
 
 ``quantize_annotated`` gives every annotated node's QSpec the observers of the calibration ``method``
 (:func:`fxq.quant.observer_fields`) and the target's activation symmetry, then runs insert_quantizers →
-[insert_output_quantizers, for a target that fuses a conv only with a quantized output] → calibrate or detptq →
+[insert_output_quantizers, for a target that fuses a conv only with a quantized output] → [quantize_sampling_values,
+for a target with an int8 deformable sampling core] → calibrate or detptq →
 [quantize_biases, for a target that adds conv biases in int32]. :func:`fxq.ptq.quantize_ptq` and
 :func:`fxq.passes.prepare_qat.prepare_qat` both call it, so the two recipes cannot drift apart.
 
@@ -22,6 +23,7 @@ from fxq.passes.insert_quant import insert_quantizers
 from fxq.passes.pass_manager import PassResult
 from fxq.passes.policy import assign_qspec
 from fxq.passes.runtime_prep import insert_output_quantizers, quantize_biases
+from fxq.passes.sampling_values import quantize_sampling_values
 from fxq.quant import observer_fields
 from fxq.targets import TargetProfile
 
@@ -43,6 +45,8 @@ def quantize_annotated(gm: torch.fx.GraphModule, calib: Iterable, float_gm: torc
         return PassResult(gm, False, {"method": method})
     if profile is not None and profile.conv_needs_output_q:
         insert_output_quantizers(gm, profile)
+    if profile is not None and profile.int8_sampling_core:
+        quantize_sampling_values(gm)
     if method == "detptq":
         detptq(gm, calib, float_gm, num_batches=num_batches, progress=progress)
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
+from deform_reference import bilinear_reference, random_inputs
 
 import fxq
 import fxq.models.ms_deform_attn as msda
@@ -26,47 +27,6 @@ CASES = [  # batch, levels (H, W), heads, head_dim, points, queries
     (3, [(1, 6), (5, 1)], 2, 3, 3, 7),
     (1, [(20, 20), (10, 10), (5, 5)], 4, 32, 4, 50),
 ]
-
-
-def bilinear_reference(value: torch.Tensor, shapes: list[tuple[int, int]], locations: torch.Tensor,
-                       weights: torch.Tensor) -> torch.Tensor:
-    """Σ_l Σ_p a · bilinear(value_l, location) in float64, from the definition: pixel x = loc·W − 0.5, the four
-    integer neighbours weighted by (1 − |x − xi|)(1 − |y − yi|), neighbours outside the map read 0."""
-    batch, _, heads, dim = value.shape
-    queries = locations.shape[1]
-    out = torch.zeros(batch, queries, heads, dim, dtype=torch.float64)
-    n = torch.arange(batch)[:, None, None, None]
-    m = torch.arange(heads)[None, None, :, None]
-    maps = value.double().split([h * w for h, w in shapes], dim=1)
-    for level, (h, w) in enumerate(shapes):
-        grid = maps[level].reshape(batch, h, w, heads, dim)
-        x = locations[:, :, :, level, :, 0].double() * w - 0.5
-        y = locations[:, :, :, level, :, 1].double() * h - 0.5
-        a = weights[:, :, :, level].double()
-        for xi in (x.floor(), x.floor() + 1):
-            for yi in (y.floor(), y.floor() + 1):
-                inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
-                corner = (1 - (x - xi).abs()) * (1 - (y - yi).abs()) * inside * a
-                sample = grid[n, yi.clamp(0, h - 1).long(), xi.clamp(0, w - 1).long(), m]
-                out += (corner[..., None] * sample).sum(3)
-    return out.reshape(batch, queries, heads * dim)
-
-
-def random_inputs(batch: int, shapes: list[tuple[int, int]], heads: int, dim: int, points: int, queries: int,
-                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """value N(0, 1); locations in [-0.6, 1.6] with some exactly on 0, 1, the pixel centres' edge and far out;
-    attention weights softmax over levels × points."""
-    g = torch.Generator().manual_seed(seed)
-    levels = len(shapes)
-    value = torch.randn(batch, sum(h * w for h, w in shapes), heads, dim, generator=g)
-    locations = torch.rand(batch, queries, heads, levels, points, 2, generator=g) * 2.2 - 0.6
-    flat = locations.view(-1)
-    specials = torch.tensor([0.0, 1.0, -3.0, 4.5, 0.5, -1e-7, 1 + 1e-7])
-    picks = torch.randint(0, flat.numel(), (flat.numel() // 5,), generator=g)
-    flat[picks] = specials[torch.randint(0, len(specials), picks.shape, generator=g)]
-    logits = torch.randn(batch, queries, heads, levels * points, generator=g)
-    weights = logits.softmax(-1).view(batch, queries, heads, levels, points)
-    return value, locations, weights
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}-L{len(c[1])}-m{c[2]}-d{c[3]}-p{c[4]}")
@@ -187,10 +147,11 @@ def test_exported_tiny_model_matches_torch(tiny, form, tmp_path):
             assert _max_diff(ort, traced, "pred_boxes") <= 1e-5
 
 
-@pytest.mark.parametrize("runtime", [None, "ort-cpu"], ids=["plain-qdq", "ort-cpu"])
+@pytest.mark.parametrize("runtime", [None, "openvino"], ids=["plain-qdq", "openvino-placement"])
 def test_w8a8_export_parity_no_worse_than_grid_sample(tiny, runtime, tmp_path):
-    """ORT vs the fake-quant graph, W8A8 min-max, plain QDQ lowering and the runtime-aware one (`fxq bench`'s
-    fxq-int8 row): the Gather form adds at most float noise to the GridSample form's gap."""
+    """ORT vs the fake-quant graph, W8A8 min-max, plain QDQ lowering and the runtime-aware one of a target that
+    keeps the float core (ORT CPU's gets the int8 core: tests/test_ms_deform_attn_int8.py): the Gather form adds at
+    most float noise to the GridSample form's gap."""
     model, images = tiny
     calib = [torch.randn(1, 3, 160, 160) for _ in range(2)]
     gm = quantize_ptq(float_graph(model, (160, 160)), calib, "W8A8", progress=False, target=runtime)

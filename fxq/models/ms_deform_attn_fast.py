@@ -36,7 +36,7 @@ size tensor instead of two Slices, two Divs and a Concat per level; it is bit-id
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.fx
@@ -130,13 +130,15 @@ def bilinear_weights(frac: torch.Tensor, attention_weights: torch.Tensor) -> tor
 
 
 def ms_deform_attn_core_fast(value: torch.Tensor, spatial_shapes: SpatialShapes, sampling_locations: torch.Tensor,
-                             attention_weights: torch.Tensor) -> torch.Tensor:
+                             attention_weights: torch.Tensor,
+                             corner_weights: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Attention-weighted sum of bilinear samples of ``value`` over levels and points (module docstring: form
     and tolerance); same arguments and result as ``ms_deform_attn_core``.
 
     ``value`` [N, S, M, D] (S = Σ H·W, levels flattened row-major one after the other), ``sampling_locations``
     [N, Lq, M, L, P, 2] as (x, y) in [0, 1] of each level (samples outside read zeros), ``attention_weights``
-    [N, Lq, M, L, P]. Returns [N, Lq, M·D].
+    [N, Lq, M, L, P]. Returns [N, Lq, M·D]. ``corner_weights``, if given, maps the corner weights
+    [N, M, Lq, 1, 4·L·P] (one row per query and head) to the ones used (e.g. fake-quantized).
     """
     batch, heads, head_dim = value.shape[0], value.shape[2], value.shape[3]
     queries = sampling_locations.shape[1]
@@ -146,7 +148,8 @@ def ms_deform_attn_core_fast(value: torch.Tensor, spatial_shapes: SpatialShapes,
     weights = bilinear_weights(frac, attention_weights.transpose(1, 2))
     gathered = padded_value_table(value, spatial_shapes).index_select(0, rows.flatten())
     gathered = gathered.reshape(batch, heads, queries, -1, head_dim)
-    out = torch.matmul(weights.reshape(batch, heads, queries, 1, -1), gathered)
+    weights = weights.reshape(batch, heads, queries, 1, -1)
+    out = torch.matmul(weights if corner_weights is None else corner_weights(weights), gathered)
     return out.reshape(batch, heads, queries, head_dim).transpose(1, 2).reshape(batch, queries, heads * head_dim)
 
 

@@ -243,6 +243,14 @@ class FakeQuantizer(nn.Module):
         zp = torch.round(self.zero_point.detach()).clamp(self.qrange.qmin, self.qrange.qmax)
         return self.scale.detach().clone(), zp
 
+    def uint8_qparams(self) -> tuple[float, int] | None:
+        """(scale, zero-point) of this quantizer's integers shifted into [0, 255] (q − qmin), for a kernel that
+        reads them as uint8; None unless it quantizes per tensor on at most 8 bits."""
+        if self._mode is not QuantMode.QUANTIZE or self.axis is not None or self.qrange.bits > 8:
+            return None
+        scale, zp = self.qparams()
+        return float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0]) - self.qrange.qmin
+
     def _require_calibrated(self) -> None:
         if not self.is_calibrated:
             raise InputError(
