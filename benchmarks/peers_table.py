@@ -14,7 +14,8 @@ Rows, per model (both tiny models, their 160² input, embedded weights):
 - ``fxq-w8a8``: fxq W8A8 PTQ (min-max; heads float as fxq's default policy), lowered for ort-cpu;
 - ``fxq-mixed``: fxq W4A8 base policy with the Fisher allocation (L_A traces on the calibration images) of weight
   bits from {4, 8} at an average of 5.0 bits, min-max calibration, lowered for ort-cpu;
-- ``fxq-qat``: the 4-4-8 QAT+KD student of ``--qat-runs``/<model>/qat_kd if that run exists, lowered for ort-cpu.
+- ``fxq-qat``: the 4-4-8 QAT+KD student of ``--qat-runs``/<model>/``--qat-run`` (default qat_kd) if that run exists,
+  lowered for ort-cpu.
 Calibration: the first 32 training images (batches of 8) for every tool. Validation: the first 250 validation images.
 Columns: AP, AP50, critical AP (supercategory person), the file's bytes, the runtime; then each row vs ``fxq-w8a8``:
 the AP difference with a paired bootstrap interval over the validation images (200 replicates, re-accumulating
@@ -60,7 +61,7 @@ def _mixed(fgm, calib):
     return gm, used
 
 
-def build_files(model: str, folder: Path, calib_loader, qat_runs: Path) -> dict[str, tuple[Path, str, dict]]:
+def build_files(model: str, folder: Path, calib_loader, run: Path) -> dict[str, tuple[Path, str, dict]]:
     """{row: (file, provider, extra)} for every row of the module docstring that can be built."""
     folder.mkdir(parents=True, exist_ok=True)
     fgm = float_graph(fxq.models.build(model), (SIZE, SIZE))
@@ -82,7 +83,6 @@ def build_files(model: str, folder: Path, calib_loader, qat_runs: Path) -> dict[
     mixed, used = _mixed(fgm, calib_loader)
     lower_checked(mixed, example, folder / "fxq-mixed.onnx", "ort-cpu")
     files["fxq-mixed"] = (folder / "fxq-mixed.onnx", "cpu", {"avg_w_bits": round(used, 3)})
-    run = qat_runs / model / "qat_kd"
     if (run / "qat_model.pt").is_file():
         _, student = load_run(run)
         lower_checked(student, example, folder / "fxq-qat.onnx", "ort-cpu")
@@ -115,7 +115,8 @@ def score(model: str, files: dict, val, critical: list[int], reps: int) -> list[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS))
-    p.add_argument("--qat-runs", default=str(ROOT / "runs" / "qat2k"), help="folder of <model>/qat_kd QAT runs")
+    p.add_argument("--qat-runs", default=str(ROOT / "runs" / "qat2k"), help="folder of <model>/<--qat-run> QAT runs")
+    p.add_argument("--qat-run", default="qat_kd", help="the QAT run (folder name) behind the fxq-qat row")
     p.add_argument("--calib-images", type=int, default=32)
     p.add_argument("--val-images", type=int, default=250)
     p.add_argument("--reps", type=int, default=200, help="bootstrap replicates")
@@ -127,7 +128,7 @@ def main() -> None:
     critical = resolve_categories(val.dataset.dataset.ann_file, ["person"])
     rows = []
     for model in args.models:
-        files = build_files(model, ROOT / "runs" / "peers" / model, calib, Path(args.qat_runs))
+        files = build_files(model, ROOT / "runs" / "peers" / model, calib, Path(args.qat_runs) / model / args.qat_run)
         rows += score(model, files, val, critical, args.reps)
     columns = ["model", "row", "runtime", "AP", "AP50", "critical_AP", "MB", "AP vs fxq-w8a8"]
     save(Path(args.out), rows, markdown(rows, columns), "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peers_table.py "

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The QAT runs behind benchmarks/qat_table.py: benchmarks/qat_runs.sh MODEL ROW... (one thread each; two queues
-# share the 2 cores). Rows: qat, qat_fr_person, qat_kd, qat_kd_fr_person, qat_seed1, qat_fr_person_seed1,
-# w4a8_qat, w4a8_qat_fr_person, w2a4_qat, w2a4_qat_fr_person, and the distillation rows of issue 14: qat_drd,
-# qat_aq, qat_drd_aq (names compose: _kd, _drd, _aq select --distill methods; _kd is KD with --kd-boxes all, the
-# first implementation, _kdfg KD with --kd-boxes foreground, today's default; _drdw<λ> is DRD with
-# --drd-weight λ, qat_drdw0 distribution alignment alone); _fr_hurt is the regularizer with L_F on issue 13's
-# critical set (a): the 5 categories uniform 4-4-8 PTQ hurts most on the validation images (RESULTS.md, QAT).
+# The QAT runs behind benchmarks/qat_table.py: benchmarks/qat_runs.sh MODEL ROW... (one thread each; two queues share
+# the 2 cores). Rows: qat, qat_fr_person, qat_kd, qat_kd_fr_person, qat_seed1, qat_fr_person_seed1, w4a8_qat,
+# w4a8_qat_fr_person, w2a4_qat, w2a4_qat_fr_person (and _fr_hurt for each), and the distillation rows of issue 14:
+# qat_drd, qat_aq, qat_drd_aq (names compose: _kd, _drd, _aq select --distill methods; _kd is KD with --kd-boxes all,
+# the first implementation, _kdfg KD with --kd-boxes foreground, today's default; _drdw<λ> is DRD with --drd-weight λ,
+# qat_drdw0 distribution alignment alone); _fr_hurt is the regularizer with L_F on issue 13's critical set (a): the 5
+# categories uniform 4-4-8 PTQ hurts most on the validation images (RESULTS.md, QAT).
 # Environment: RUNS (default runs/qat), STEPS (default 250) and EPOCHS (default 1; training stops at whichever
 # of STEPS and EPOCHS·500 steps comes first, the cosine schedule spanning it): the 2000-step table of this session
 # ran with RUNS=runs/qat2k STEPS=2000 EPOCHS=4. Every run is resumable: rerunning continues
@@ -19,6 +19,8 @@
 #   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh detr_tiny qat_kd qat qat_fr_hurt qat_seed1
 #   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh detr_tiny qat_fr_hurt_seed1
 #   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh deformable_detr_tiny qat
+#   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh deformable_detr_tiny qat_fr_hurt_seed1 w4a8_qat w2a4_qat
+#   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh deformable_detr_tiny w4a8_qat_fr_hurt w2a4_qat_fr_hurt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$1; shift

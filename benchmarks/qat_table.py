@@ -54,7 +54,7 @@ BEST_PTQ = {"detr_tiny": "lp:3", "deformable_detr_tiny": "lp:3"}
 RUN_ORDER = ["qat", "qat_kd", "qat_kdfg", "qat_drd", "qat_drdw0", "qat_drdw0.3", "qat_aq", "qat_drd_aq",
              "qat_fr_person", "qat_kd_fr_person", "qat_fr_hurt", "qat_kd_fr_hurt", "qat_seed1", "qat_fr_person_seed1",
              "qat_fr_hurt_seed1", "qat_kd_seed1", "qat_kd_fr_hurt_seed1", "w4a8_qat", "w4a8_qat_fr_person",
-             "w2a4_qat", "w2a4_qat_fr_person"]
+             "w4a8_qat_fr_hurt", "w2a4_qat", "w2a4_qat_fr_person", "w2a4_qat_fr_hurt"]
 METRICS = {"AP": "AP", "AP50": "AP50", "critical_AP": "critical_mAP"}  # + most_hurt_AP, per model
 HURT = 5
 
