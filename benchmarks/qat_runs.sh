@@ -19,8 +19,8 @@
 #   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh detr_tiny qat_kd qat qat_fr_hurt qat_seed1
 #   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh detr_tiny qat_fr_hurt_seed1
 #   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh deformable_detr_tiny qat
-#   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh deformable_detr_tiny qat_fr_hurt_seed1 w4a8_qat w2a4_qat
-#   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh deformable_detr_tiny w4a8_qat_fr_hurt w2a4_qat_fr_hurt
+#   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh deformable_detr_tiny qat_fr_hurt_seed1 w4a8_qat
+#   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh deformable_detr_tiny w4a8_qat_fr_hurt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$1; shift
