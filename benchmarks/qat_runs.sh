@@ -5,7 +5,8 @@
 # qat_drd, qat_aq, qat_drd_aq (names compose: _kd, _drd, _aq select --distill methods; _kd is KD with --kd-boxes all,
 # the first implementation, _kdfg KD with --kd-boxes foreground, today's default; _drdw<λ> is DRD with --drd-weight λ,
 # qat_drdw0 distribution alignment alone); _fr_hurt is the regularizer with L_F on issue 13's critical set (a): the 5
-# categories uniform 4-4-8 PTQ hurts most on the validation images (RESULTS.md, QAT).
+# categories uniform 4-4-8 PTQ hurts most on the validation images (RESULTS.md, QAT); _every<K> makes the
+# regularizer lazy (--fisher-every K: every K steps at K·λ).
 # Environment: RUNS (default runs/qat), STEPS (default 250) and EPOCHS (default 1; training stops at whichever
 # of STEPS and EPOCHS·500 steps comes first, the cosine schedule spanning it): the 2000-step table of this session
 # ran with RUNS=runs/qat2k STEPS=2000 EPOCHS=4. Every run is resumable: rerunning continues
@@ -21,6 +22,9 @@
 #   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh deformable_detr_tiny qat
 #   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh deformable_detr_tiny qat_fr_hurt_seed1 w4a8_qat
 #   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh deformable_detr_tiny w4a8_qat_fr_hurt
+#   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh deformable_detr_tiny w2a4_qat
+#   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh deformable_detr_tiny w2a4_qat_fr_hurt
+#   RUNS=runs/qat2k STEPS=2000 EPOCHS=4 benchmarks/qat_runs.sh deformable_detr_tiny qat_fr_hurt_every8_seed1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$1; shift
@@ -51,6 +55,7 @@ for name in "$@"; do
   if (( ${#methods[@]} )); then args+=(--distill "$(IFS=+; echo "${methods[*]}")"); fi
   [[ $name == *fr_person* ]] && args+=("${FR[@]}")
   [[ $name == *fr_hurt* ]] && args+=("${FR[@]}" --critical "${HURT[@]}")
+  [[ $name =~ _every([0-9]+) ]] && args+=(--fisher-every "${BASH_REMATCH[1]}")
   out="$RUNS/$MODEL/$name"
   if [[ -f "$out/eval.json" ]]; then echo "skip $out"; continue; fi
   resume=(); [[ -d "$out" ]] && resume=(--overwrite)  # a run cut off before its first checkpoint starts over

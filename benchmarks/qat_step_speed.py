@@ -1,11 +1,13 @@
 """Time and peak memory of one training step: float training, QAT (4-4-8, LSQ), and QAT with each loss term: the
-Fisher-trace regularizer (reg), KD (kd), Q-DETR's distribution alignment + DRD (drd), AQ-DETR's auxiliary query
-group + encoder attention distillation (aq), and drd+aq (issues 13 and 14, deliver 6: the per-step cost of each term).
+Fisher-trace regularizer (reg; reg4 / reg8: lazy, every 4 / 8 steps at 4 / 8 times the weight), KD (kd),
+Q-DETR's distribution alignment + DRD (drd), AQ-DETR's auxiliary query group + encoder attention distillation (aq),
+and drd+aq (issues 13 and 14, deliver 6: the per-step cost of each term).
 
 Run: .venv/bin/python benchmarks/qat_step_speed.py [--models detr_tiny deformable_detr_tiny detr_r50] [--rounds 2]
 [--steps 3] [--modes float qat ...]
 Each (model, mode) runs in its own process (peak RSS is per process); the modes are interleaved round by round,
-so drift on this shared machine hits them alike, and the table reports the median step time and ratios.
+so drift on this shared machine hits them alike, and the table reports the median step time and ratios (for a
+lazy regularizer the mean over whole periods of K steps: its amortized cost).
 The tiny models: batch 8 at 160², embedded weights; detr_r50: batch 1 at 512², random weights. Random images with
 random boxes stand in for data (the step's cost does not depend on what the images show).
 Writes benchmarks/results/qat_step_speed.json.
@@ -25,7 +27,7 @@ import torch
 from common import ROOT, markdown, save
 
 SETTINGS = {"detr_tiny": (8, 160), "deformable_detr_tiny": (8, 160), "detr_r50": (1, 512)}
-MODES = ("float", "qat", "qat+reg", "qat+kd", "qat+drd", "qat+aq", "qat+drd+aq")
+MODES = ("float", "qat", "qat+reg", "qat+reg4", "qat+reg8", "qat+kd", "qat+drd", "qat+aq", "qat+drd+aq")
 
 
 def _batch(batch: int, size: int, num_classes: int):
@@ -50,28 +52,31 @@ def worker(model_name: str, mode: str, steps: int) -> dict:
     float_gm = float_graph(model, (size, size))
     images, targets = _batch(batch, size, float_gm.num_classes)
     methods = mode.split("+")[1:]
+    reg = next((m for m in methods if m.startswith("reg")), None)
+    every = int(reg[3:] or 1) if reg else 1
     if mode == "float":
-        net, loss_fn = float_gm, QATLoss(build_criterion(float_gm.head, aux=False), None, None)
+        net, loss_fn = float_gm, QATCriterion(QATLoss(build_criterion(float_gm.head, aux=False)))
     else:
         student = prepare_qat(float_gm, [images[:1]], "4-4-8", init="minmax").gm
         if "drd" in methods:
             align_queries(student, images[:1])
-        distill = [m for m in methods if m != "reg"]
-        options = {"distill": "+".join(distill) or None, "fisher_reg": 1e-3 if "reg" in methods else 0.0}
+        distill = [m for m in methods if m != reg]
+        options = {"distill": "+".join(distill) or None, "fisher_reg": 1e-3 if reg else 0.0, "fisher_every": every}
         net = QATModule(student, float_gm if distill else None, train_outputs=bool({"drd", "aq"} & set(distill)),
                         query_groups=2 if "aq" in distill else 1)
         loss_fn = QATCriterion(qat_loss(student, options, [1]))
     net.train()
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
     times = []
-    for _ in range(steps + 1):
+    for step in range(every * -(-steps // every) + 1):  # step 0 (a regularized one) warms up, then whole periods
         start = time.perf_counter()
-        loss = loss_fn(net(images), targets)["loss"]
+        loss = loss_fn(net(images), targets, step)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
-    return {"model": model_name, "mode": mode, "step_s": statistics.median(times[1:]),
+    average = statistics.mean if every > 1 else statistics.median
+    return {"model": model_name, "mode": mode, "step_s": average(times[1:]),
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

@@ -53,8 +53,8 @@ from fxq.train.sampler import EpochBatchSampler
 BEST_PTQ = {"detr_tiny": "lp:3", "deformable_detr_tiny": "lp:3"}
 RUN_ORDER = ["qat", "qat_kd", "qat_kdfg", "qat_drd", "qat_drdw0", "qat_drdw0.3", "qat_aq", "qat_drd_aq",
              "qat_fr_person", "qat_kd_fr_person", "qat_fr_hurt", "qat_kd_fr_hurt", "qat_seed1", "qat_fr_person_seed1",
-             "qat_fr_hurt_seed1", "qat_kd_seed1", "qat_kd_fr_hurt_seed1", "w4a8_qat", "w4a8_qat_fr_person",
-             "w4a8_qat_fr_hurt", "w2a4_qat", "w2a4_qat_fr_person", "w2a4_qat_fr_hurt"]
+             "qat_fr_hurt_seed1", "qat_fr_hurt_every8_seed1", "qat_kd_seed1", "qat_kd_fr_hurt_seed1", "w4a8_qat",
+             "w4a8_qat_fr_person", "w4a8_qat_fr_hurt", "w2a4_qat", "w2a4_qat_fr_person", "w2a4_qat_fr_hurt"]
 METRICS = {"AP": "AP", "AP50": "AP50", "critical_AP": "critical_mAP"}  # + most_hurt_AP, per model
 HURT = 5
 
@@ -194,15 +194,15 @@ def _row_detections(model: str, runs: Path, val, train_set, args) -> dict[str, d
 
 
 def _differences(name: str, names: list[str], boot: dict) -> list[dict]:
-    """The comparisons with ``name`` as b: QAT vs PTQ (AP); +FR vs the same run without it; a distillation
-    row vs plain qat of its seed."""
+    """The comparisons with ``name`` as b: QAT vs PTQ (AP); +FR vs the same run without it; a lazy FR run
+    (_every<K>) vs the run without it and vs the every-step one; a distillation row vs plain qat of its seed."""
     if name in ("fp32", "ptq"):
         return []
     pairs = [] if re.match(r"w\da\d_", name) else [("ptq", ["AP"])]  # the PTQ row is at 4-4-8
-    without_fr = re.sub(r"_fr_(person|hurt)", "", name)
-    if without_fr != name and without_fr in names:
-        keys = ["AP", "critical_AP", "most_hurt_AP"] + (["fr_set_AP"] if "_fr_hurt" in name else [])
-        pairs.append((without_fr, keys))
+    without_fr = re.sub(r"_fr_(person|hurt)(_every\d+)?", "", name)
+    every_step = re.sub(r"_every\d+", "", name)
+    keys = ["AP", "critical_AP", "most_hurt_AP"] + (["fr_set_AP"] if "_fr_hurt" in name else [])
+    pairs += [(base, keys) for base in dict.fromkeys([without_fr, every_step]) if base != name and base in names]
     # qat_drd_aq_seed1 -> qat_seed1, w2a4_qat_aq -> w2a4_qat, qat_drdw0.3 -> qat
     plain = re.sub(r"_(kd|kdfg|drd|aq|drdw[0-9.]+)(?=_|$)", "", name)
     if plain != name and without_fr == name and plain in names:

@@ -219,7 +219,7 @@ def qat_loss(student: DetectorGraph, options: Mapping, critical_ids: list[int] |
                                      num_classes=student.num_classes)
         detection = _OverallWithCritical(critical)
         regularizer = FisherTraceRegularizer(quantized_weights(student), options["fisher_reg"],
-                                             options.get("fisher_warmup", 0))
+                                             options.get("fisher_warmup", 0), options.get("fisher_every", 1))
     methods = distill_methods(options.get("distill"))
     terms = []
     if "kd" in methods:

@@ -163,6 +163,32 @@ def test_regularizer_weight_warmup_and_bad_input():
         fisher_trace((nn.Parameter(torch.ones(1)) * 2).sum(), [p])
 
 
+def test_lazy_regularizer_runs_every_k_steps_at_k_times_the_weight():
+    """every=K: no term (and no extra gradient) between regularized steps; at a multiple of K the value is K·λ·R
+    (R from first-order gradients) and the gradient K times the every-step regularizer's."""
+    torch.manual_seed(0)
+    net = SmoothNet()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    weights = [net.a.weight, net.b.weight]
+    lazy, eager = FisherTraceRegularizer(weights, 0.5, every=3), FisherTraceRegularizer(weights, 0.5)
+    assert lazy.config()["every"] == 3 and "every" not in eager.config()  # older runs' fingerprints unchanged
+    for step in (1, 2, 4, 5):
+        assert lazy(net.loss(x, y), step) == {}
+        loss = QATLoss(lambda out, targets: {"loss": net.loss(x, y)}, None, lazy)(None, [], step=step)
+        assert set(loss) == {"loss", "loss_det"} and loss["loss"].item() == net.loss(x, y).item()
+    for step in (0, 3, 6):
+        terms = lazy(net.loss(x, y), step)
+        assert terms["fisher_lambda"].item() == 1.5
+        assert terms["loss_fisher"].item() == pytest.approx(1.5 * _trace_value(net, x, y), rel=1e-12)
+        got = torch.autograd.grad(terms["loss_fisher"], weights)
+        want = torch.autograd.grad(eager(net.loss(x, y), step)["loss_fisher"], weights)
+        for g, w in zip(got, want, strict=True):
+            assert torch.allclose(g, 3 * w, rtol=1e-12, atol=0)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(InputError, match="every="):
+            FisherTraceRegularizer(weights, 0.5, every=bad)
+
+
 # -- distillation ----------------------------------------------------------------------------------------
 
 

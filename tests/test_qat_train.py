@@ -132,12 +132,15 @@ def test_cli_bad_input_is_refused_before_work(synth, tmp_path, capsys):
         "needs --critical": ["--fisher-reg", "1e-3", "--out", str(tmp_path / "b")],
         "closest|unknown|Did you mean|not a category": ["--fisher-reg", "1e-3", "--critical", "persn",
                                                         "--out", str(tmp_path / "c")],
+        "--fisher-every 4 needs --fisher-reg": ["--fisher-every", "4", "--out", str(tmp_path / "d")],
+        "--fisher-every 0: give at least 1|fisher-every": ["--fisher-reg", "1e-3", "--critical", "person",
+                                                           "--fisher-every", "0", "--out", str(tmp_path / "e")],
     }
     for message, extra in cases.items():
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert any(m in err for m in message.split("|")), err
-    assert not any((tmp_path / d).exists() for d in "abc")
+    assert not any((tmp_path / d).exists() for d in "abcde")
 
 
 def test_load_run_names_what_is_missing(tmp_path):

@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fisher-reg", type=float, default=0.0, metavar="LAMBDA",
                    help="weight λ of the Fisher-trace regularizer (0: off)")
     p.add_argument("--fisher-warmup", type=int, default=0, help="steps of linear warm-up of λ from 0")
+    p.add_argument("--fisher-every", type=int, default=1, metavar="K",
+                   help="lazy regularization: the regularizer every K steps at weight K·λ (default 1: every step)")
     p.add_argument("--critical", nargs="+", metavar="NAME",
                    help="critical categories (names, ids or supercategories): the regularizer's L_F, and the "
                    "critical mAP in eval.json")
@@ -105,16 +107,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    keys = ("fisher_reg", "fisher_warmup", "critical", "alpha", "distill", "kd_weight", "kd_boxes", "drd_weight",
-            "drd_tau", "aux_groups", "aq_weight", "calib_images", "epochs",
+    keys = ("fisher_reg", "fisher_warmup", "fisher_every", "critical", "alpha", "distill", "kd_weight", "kd_boxes",
+            "drd_weight", "drd_tau", "aux_groups", "aq_weight", "calib_images", "epochs",
             "steps", "batch_size", "lr", "lr_backbone", "lr_quant", "weight_decay", "clip", "schedule", "warmup",
             "cls_loss_coef", "seed", "ckpt_every", "stop_after", "no_progress")
     return {k: getattr(args, k) for k in keys}
 
 
 #: Lower bounds of fxq qat's numeric options (None = not given).
-QAT_BOUNDS = {"threads": 1, "stop_after": 1, "ckpt_every": 0, "warmup": 0, "seed": 0, "lr": 0.0, "lr_backbone": 0.0,
-              "lr_quant": 0.0, "weight_decay": 0.0, "clip": 0.0, "alpha": 0.0, "cls_loss_coef": 0.0}
+QAT_BOUNDS = {"threads": 1, "fisher_every": 1, "stop_after": 1, "ckpt_every": 0, "warmup": 0, "seed": 0, "lr": 0.0,
+              "lr_backbone": 0.0, "lr_quant": 0.0, "weight_decay": 0.0, "clip": 0.0, "alpha": 0.0, "cls_loss_coef": 0.0}
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -131,6 +133,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.fisher_reg > 0 and not args.critical:
         raise InputError("--fisher-reg needs --critical NAME ...: the regularizer is the Fisher trace of the "
                          "critical-category loss L_F")
+    if args.fisher_every > 1 and not args.fisher_reg > 0:
+        raise InputError(f"--fisher-every {args.fisher_every} needs --fisher-reg λ > 0: it sets how often the "
+                         "regularizer runs")
     for flag in ("epochs", "batch_size", "calib_images", "steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give at least 1")

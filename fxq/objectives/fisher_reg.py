@@ -13,6 +13,10 @@ a parameter the loss does not reach contributes 0.
 
 Weight: λ_t = λ·min(1, step / warmup_steps) (a linear warm-up from 0; λ_t = λ from step 0 when
 ``warmup_steps`` = 0). While λ_t = 0 the trace is still computed, for logging, without the second-order graph.
+
+Lazy regularization (``every`` = K > 1, StyleGAN2's name for R1 applied every 16 minibatches): the term is
+computed only at steps divisible by K, with weight K·λ_t, so its gradient summed over K steps matches
+K regularized steps in expectation, at 1/K of the double backward's cost. Steps between return no terms.
 """
 
 from __future__ import annotations
@@ -63,26 +67,32 @@ def _global_trace(grads: list[Tensor]) -> Tensor:
 
 
 class FisherTraceRegularizer:
-    """λ_t·tr(Î_F) over a fixed parameter set; call as ``reg(loss, step) -> dict`` of tensors:
-    ``fisher_trace`` (R), ``fisher_lambda`` (λ_t) and ``loss_fisher`` (λ_t·R, what to add to the loss)."""
+    """λ_t·tr(Î_F) over a fixed parameter set, every ``every`` steps; call as ``reg(loss, step) -> dict`` of
+    tensors: ``fisher_trace`` (R), ``fisher_lambda`` (the applied weight) and ``loss_fisher`` (what to add to the
+    loss)."""
 
     def __init__(self, params: Mapping[str, Tensor] | Iterable[Tensor], weight: float,
-                 warmup_steps: int = 0) -> None:
+                 warmup_steps: int = 0, every: int = 1) -> None:
         if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
             raise InputError(f"Fisher-trace weight λ={weight!r} must be a finite number >= 0 (FQ-DETR's "
                              "reimplementation used 1e-3 to 5e-3; 0 turns the regularizer off)")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise InputError(f"warmup_steps={warmup_steps!r} must be an integer >= 0")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise InputError(f"every={every!r} must be an integer >= 1 (1: the regularizer at every step)")
         self.params = list(params.values() if isinstance(params, Mapping) else params)
         if not self.params:
             raise InputError("the Fisher-trace regularizer got an empty parameter set; pass the weights to "
                              "regularize, e.g. fxq.passes.prepare_qat.quantized_weights(gm)")
-        self.weight, self.warmup_steps = float(weight), warmup_steps
+        self.weight, self.warmup_steps, self.every = float(weight), warmup_steps, every
 
     def config(self) -> dict:
         """Plain-type settings (for fingerprints and logs)."""
-        return {"weight": self.weight, "warmup_steps": self.warmup_steps,
-                "parameters": sum(p.numel() for p in self.params)}
+        config = {"weight": self.weight, "warmup_steps": self.warmup_steps,
+                  "parameters": sum(p.numel() for p in self.params)}
+        if self.every != 1:  # runs made before lazy regularization keep their fingerprint
+            config["every"] = self.every
+        return config
 
     def weight_at(self, step: int) -> float:
         """λ_t at optimiser step ``step`` (from 0)."""
@@ -93,7 +103,11 @@ class FisherTraceRegularizer:
         return self.weight * min(1.0, step / self.warmup_steps)
 
     def __call__(self, loss: Tensor, step: int = 0) -> dict[str, Tensor]:
-        lam = self.weight_at(step)
+        """The terms at ``step``; empty at the steps a lazy regularizer skips. ``fisher_lambda`` is the weight
+        applied (K·λ_t when lazy)."""
+        if step % self.every:
+            return {}
+        lam = self.weight_at(step) * self.every
         trace = fisher_trace(loss, self.params, create_graph=lam > 0)
         return {"fisher_trace": trace if lam > 0 else trace.detach(),
                 "fisher_lambda": torch.tensor(lam, device=trace.device),

@@ -10,7 +10,8 @@
 
 The result holds ``loss`` (the total to backpropagate), ``loss_det``, the detection objective's own terms,
 ``kd.*`` / ``loss_kd`` (``drd.*`` / ``loss_drd``, ``aq.*`` / ``loss_aq``) and
-``fisher_trace`` / ``fisher_lambda`` / ``loss_fisher`` when those are used.
+``fisher_trace`` / ``fisher_lambda`` / ``loss_fisher`` when those are used (a lazy regularizer's only at the
+steps it runs).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class QATLoss:
             inner = det["loss_critical"] if "loss_critical" in det else det["loss"]
             reg = self.regularizer(inner, step)
             result.update(reg)
-            total = total + reg["loss_fisher"]
+            if reg:  # a lazy regularizer skips most steps
+                total = total + reg["loss_fisher"]
         result["loss"] = total
         return result
 
