@@ -10,7 +10,7 @@ so drift on this shared machine hits them alike, and the table reports the media
 lazy regularizer the mean over whole periods of K steps: its amortized cost).
 The tiny models: batch 8 at 160², embedded weights; detr_r50: batch 1 at 512², random weights. Random images with
 random boxes stand in for data (the step's cost does not depend on what the images show).
-Writes benchmarks/results/qat_step_speed.json.
+Writes benchmarks/results/qat_step_speed.json (or --out).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from common import ROOT, markdown, save
@@ -87,6 +88,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qat_step_speed.json"))
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -109,7 +111,7 @@ def main() -> None:
             step = statistics.median(r["step_s"] for r in runs[(model, mode)])
             rows.append({"model": model, "mode": mode, "step_s": step, "x_float": step / base,
                          "x_qat": step / qat, "peak_mib": max(r["peak_mib"] for r in runs[(model, mode)])})
-    save(ROOT / "benchmarks" / "results" / "qat_step_speed.json", rows,
+    save(Path(args.out), rows,
          markdown(rows, ["model", "mode", "step_s", "x_float", "x_qat", "peak_mib"]),
          "python benchmarks/qat_step_speed.py " + " ".join(sys.argv[1:]))
 
