@@ -11,6 +11,8 @@ On top of :func:`fxq.backends.lower_to_onnx` (same markers, same scales), for ``
 - a quantized Conv's bias is stored int32 with scale s_x·s_w;
 - a strided conv on few input channels (the ResNet stem) runs as space-to-depth + a stride-1 conv
   (:mod:`fxq.backends.space_to_depth`, same integer sums, about twice as fast);
+- a quantized linear whose output stays float runs as MatMulIntegerToFloat with its bias folded in
+  (:mod:`fxq.backends.matmul_bias`, same numerics as onnxruntime's own fusion plus the Add);
 - compute nodes are renamed after their FX nodes (:mod:`fxq.backends.node_map`), so profiles name FX nodes.
 
 For ``runtime="openvino"`` the same rewrites apply (:data:`fxq.targets.TARGETS` says which; OpenVINO's executed
@@ -41,6 +43,7 @@ from fxq.backends.capabilities import runtime_capabilities
 from fxq.backends.constants import constant_value
 from fxq.backends.fusion_probes import optimized_model
 from fxq.backends.lower_qdq import EXTERNAL_DATA_THRESHOLD, build_qdq_model, check_arguments, save_lowered
+from fxq.backends.matmul_bias import fuse_matmul_bias
 from fxq.backends.node_map import rename_to_fx, runtime_name
 from fxq.backends.openvino_facts import FOLDED, executed_layers
 from fxq.backends.qdq_commute import sink_qdq_below_movement
@@ -105,6 +108,8 @@ def lower_for_runtime(gm: torch.fx.GraphModule, example_images: torch.Tensor, pa
         rewrites.append(space_to_depth_convs(model))
     if caps.qdq_on_weighted_inputs:
         rewrites.append(sink_qdq_below_movement(model))
+    if caps.fused_matmul_bias:
+        rewrites.append(fuse_matmul_bias(model))
     for done in rewrites:
         for node, what in done.items():
             changes.setdefault(node, []).extend(what)

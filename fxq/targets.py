@@ -41,7 +41,9 @@ class TargetProfile:
     strided convs on few channels (the stem) run as space-to-depth + a stride-1 conv; ``qdq_on_weighted_inputs``:
     activation Q/DQ sit directly on the weighted op's input (moved below Transpose / Reshape);
     ``int8_sampling_core``: Deformable DETR's sampling core runs on a uint8 value table with MatMulInteger
-    (:func:`fxq.passes.sampling_values.quantize_sampling_values`); ``integer_kernels``: the
+    (:func:`fxq.passes.sampling_values.quantize_sampling_values`); ``fused_matmul_bias``: a quantized linear with an
+    unquantized output is written as com.microsoft MatMulIntegerToFloat with its bias as input 6
+    (:mod:`fxq.backends.matmul_bias`; onnxruntime leaves that Add unfused); ``integer_kernels``: the
     op types that are integer kernels on this runtime (the lowering report's and ``fxq bench``'s "integer"
     column); ``verified``: whether the tests check this profile's facts on this machine.
     """
@@ -62,6 +64,7 @@ class TargetProfile:
     space_to_depth_convs: bool = False
     qdq_on_weighted_inputs: bool = False
     int8_sampling_core: bool = False
+    fused_matmul_bias: bool = False
     integer_kernels: tuple[str, ...] = ()
     verified: bool = False
 
@@ -82,7 +85,7 @@ _ORT_CPU = TargetProfile(
     "QLinearMatMul and MatMulIntegerToFloat; int4 only through MatMulNBits (weight-only) or as storage",
     conv_needs_output_q=True, output_quantizer_bits=8, int32_conv_bias=True, native_bits=(8,),
     cast_narrow_weights=True, weight_only_nbits=True, activation_storage_bits=8, space_to_depth_convs=True,
-    int8_sampling_core=True, integer_kernels=_ORT_CPU_KERNELS, verified=True)
+    int8_sampling_core=True, fused_matmul_bias=True, integer_kernels=_ORT_CPU_KERNELS, verified=True)
 
 #: OpenVINO CPU layers ("layer type/runtime precision" of its runtime model) that compute in int8 (a Subgraph is
 #: a fused kernel, e.g. attention's MatMul + Softmax + MatMul), and its compressed-weight FullyConnected.
@@ -111,6 +114,7 @@ TARGETS: dict[str, TargetProfile] = {
     "openvino": dataclasses.replace(
         _ORT_CPU, name="openvino", provider="CPU", engine="openvino", weight_only_nbits=False,
         int8_sampling_core=False,  # measured: OpenVINO 2026.4 ran Deformable DETR-R50 slower than fp32 with it
+        fused_matmul_bias=False,  # a com.microsoft op: onnxruntime only
         integer_kernels=_OPENVINO_KERNELS, description="OpenVINO CPU: the ort-cpu placement (measured fastest there "
         "too: output-quantized convs and residual adds keep the backbone int8 layer to layer); u8 × s8 Convolution "
         "and FullyConnected in int8, attention matmuls in fp32 (OpenVINO runs them in int8 only with signed "

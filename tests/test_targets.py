@@ -99,12 +99,14 @@ def test_tensorrt_profiles_are_one_placement():
 def test_openvino_reuses_the_ort_cpu_placement():
     """OpenVINO measured fastest with ort-cpu's placement (benchmarks/RESULTS.md, "OpenVINO and TensorRT
     runtimes"): the two profiles differ only in what runs the file, how its kernels are named, and the int8 sampling
-    core of Deformable DETR (OpenVINO ran Deformable DETR-R50 slower with it: RESULTS.md, "int8 sampling core")."""
+    core of Deformable DETR (OpenVINO ran Deformable DETR-R50 slower with it: RESULTS.md, "int8 sampling core") and
+    the bias folded into com.microsoft MatMulIntegerToFloat (an onnxruntime op)."""
     openvino = TARGETS["openvino"]
     same = dataclasses.replace(openvino, name="ort-cpu", provider=ORT_CPU.provider, engine="onnxruntime",
                                description=ORT_CPU.description, integer_kernels=ORT_CPU.integer_kernels,
-                               weight_only_nbits=ORT_CPU.weight_only_nbits, int8_sampling_core=True)
-    assert same == ORT_CPU and not openvino.int8_sampling_core
+                               weight_only_nbits=ORT_CPU.weight_only_nbits, int8_sampling_core=True,
+                               fused_matmul_bias=True)
+    assert same == ORT_CPU and not openvino.int8_sampling_core and not openvino.fused_matmul_bias
 
 
 def test_target_profile_lookup():
