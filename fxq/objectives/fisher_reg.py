@@ -16,7 +16,9 @@ Weight: λ_t = λ·min(1, step / warmup_steps) (a linear warm-up from 0; λ_t = 
 
 Lazy regularization (``every`` = K > 1, StyleGAN2's name for R1 applied every 16 minibatches): the term is
 computed only at steps divisible by K, with weight K·λ_t, so its gradient summed over K steps matches
-K regularized steps in expectation, at 1/K of the double backward's cost. Steps between return no terms.
+K regularized steps in expectation, at 1/K of the double backward's cost. Steps between return no terms. The
+match is exact in expectation for plain SGD only: gradient clipping and Adam's normalisation act per step, so
+under them lazy regularization is an approximation whose effect has to be measured (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
