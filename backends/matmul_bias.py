@@ -17,8 +17,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from fxq.backends.node_map import consumers
+from fxq.backends.runtime_rewrite import Changes
 
-Changes = dict[str, list[str]]
 MS_DOMAIN = "com.microsoft"
 
 
