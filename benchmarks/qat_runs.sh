@@ -6,7 +6,8 @@
 # the first implementation, _kdfg KD with --kd-boxes foreground, today's default; _drdw<λ> is DRD with --drd-weight λ,
 # qat_drdw0 distribution alignment alone); _fr_hurt is the regularizer with L_F on issue 13's critical set (a): the 5
 # categories uniform 4-4-8 PTQ hurts most on the validation images (RESULTS.md, QAT); _every<K> makes the
-# regularizer lazy (--fisher-every K: every K steps at K·λ).
+# regularizer lazy (--fisher-every K: every K steps at K·λ); _stage<N> is Q-DETR's two-stage schedule (--float-stage N:
+# the encoder and decoder float for the first N steps).
 # Environment: RUNS (default runs/qat), STEPS (default 250) and EPOCHS (default 1; training stops at whichever
 # of STEPS and EPOCHS·500 steps comes first, the cosine schedule spanning it): the 2000-step table of this session
 # ran with RUNS=runs/qat2k STEPS=2000 EPOCHS=4. Every run is resumable: rerunning continues
@@ -56,6 +57,7 @@ for name in "$@"; do
   [[ $name == *fr_person* ]] && args+=("${FR[@]}")
   [[ $name == *fr_hurt* ]] && args+=("${FR[@]}" --critical "${HURT[@]}")
   [[ $name =~ _every([0-9]+) ]] && args+=(--fisher-every "${BASH_REMATCH[1]}")
+  [[ $name =~ _stage([0-9]+) ]] && args+=(--float-stage "${BASH_REMATCH[1]}")
   out="$RUNS/$MODEL/$name"
   if [[ -f "$out/eval.json" ]]; then echo "skip $out"; continue; fi
   resume=(); [[ -d "$out" ]] && resume=(--overwrite)  # a run cut off before its first checkpoint starts over

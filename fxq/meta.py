@@ -164,7 +164,8 @@ MODEL: Key[ModelInfo] = declare(
     "what the traced model declared (head, classes, queries) and whether the graph takes a mask", graph=True)
 MODULE: Key[str] = declare(
     "fxq.module", str, "fxq.tracer",
-    (_B + "onnx_export", _B + "runtime_lower", _P + "distribution_alignment", _P + "insert_quant", _P + "policy",
+    (_B + "onnx_export", _B + "runtime_lower", _P + "distribution_alignment", _P + "float_stage", _P + "insert_quant",
+     _P + "policy",
      _P + "report", _P + "runtime_prep", _P + "sampling_values", _P + "tie_groups", _P + "training_graph"),
     "dotted path of the module whose forward created the node (state_dict prefix)")
 ROLE: Key[str] = declare(
@@ -195,11 +196,12 @@ QSPEC: Key[QSpec] = declare(
     "how the node is quantized (fxq.quant.QSpec); absent: the node stays float", saved=True)
 QUANTIZER: Key[QuantizerRecord] = declare(
     "fxq.quantizer", QuantizerRecord, _P + "insert_quant",
-    (_B + "quant_points", _P + "calibrate", _P + "prepare_qat", _P + "runtime_prep"),
+    (_B + "quant_points", _P + "calibrate", _P + "float_stage", _P + "prepare_qat", _P + "runtime_prep"),
     "on fake-quantizer nodes (role quantize): what they quantize")
 QUANTIZED_INPUTS: Key[QuantizedInputs] = declare(
     "fxq.quantized_inputs", QuantizedInputs, _P + "insert_quant",
-    (_B + "node_map", _B + "runtime_lower", _P + "detptq", _P + "prepare_qat", _P + "runtime_prep"),
+    (_B + "node_map", _B + "runtime_lower", _P + "detptq", _P + "float_stage", _P + "prepare_qat",
+     _P + "runtime_prep"),
     "on quantized nodes: the quantizer nodes of their weight, inputs and bias")
 CALIB: Key[CalibRecord] = declare(
     "fxq.calib", CalibRecord, _P + "calibrate", (),

@@ -9,7 +9,9 @@ calibration, input size, target runtime); :func:`student_and_teacher` builds the
 :class:`QATModule` is what the trainer trains: the student's forward, with the teacher's outputs on the same
 images under ``"teacher"`` when distilling; the teacher is not a submodule (not in the state_dict, never
 trained). :class:`QATCriterion` adapts :class:`fxq.objectives.QATLoss` to the trainer (it takes the step, for
-the regularizer's warm-up). Observers stay off: every quantizer is in "quantize" mode for the whole run.
+the regularizer's warm-up). Observers stay off: every quantizer is in "quantize" mode for the whole run, but
+for the encoder's and decoder's during a float stage (``float_stage`` steps; Q-DETR's two-stage schedule,
+:class:`fxq.passes.float_stage.FloatStage`).
 """
 
 from __future__ import annotations
@@ -281,6 +283,7 @@ def train_qat(recipe: QATRecipe, train_set, val_set, options: Mapping, out: Path
     from fxq.data import collate
     from fxq.evaluation import evaluate_model
     from fxq.io import write_atomic, write_json
+    from fxq.passes.float_stage import FloatStage
     from fxq.passes.prepare_qat import keep_qparams_valid
     from fxq.train.distributed import init_distributed
     from fxq.train.trainer import Trainer
@@ -294,7 +297,9 @@ def train_qat(recipe: QATRecipe, train_set, val_set, options: Mapping, out: Path
     module = QATModule(student, teacher if methods else None, train_outputs=bool({"drd", "aq"} & set(methods)),
                        query_groups=groups, seed=options["seed"])
     criterion = QATCriterion(qat_loss(student, _with_coef(options, recipe.model), critical))
-    trainer = Trainer(module, criterion, train_set, _train_config(options), out, collate, init_distributed())
+    stage = FloatStage(student, options["float_stage"]) if options.get("float_stage") else None
+    trainer = Trainer(module, criterion, train_set, _train_config(options), out, collate, init_distributed(),
+                      before_step=stage)
     keep_qparams_valid(student, trainer.optimizer)
     trainer.restore(resume)  # a changed configuration fails here, before anything is written
     if trainer.info.is_main:
@@ -303,6 +308,8 @@ def train_qat(recipe: QATRecipe, train_set, val_set, options: Mapping, out: Path
     result = trainer.fit()
     if result.step < trainer.total_steps or not trainer.info.is_main:
         return None
+    if stage is not None:
+        stage.quantize_all()  # the saved student quantizes everything, however long the float stage was
     student.eval()
     write_atomic(out / "qat_model.pt", lambda f: torch.save(student.state_dict(), f), mode="wb")
     loader = torch.utils.data.DataLoader(val_set, batch_size=16, collate_fn=collate)

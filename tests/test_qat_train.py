@@ -135,12 +135,15 @@ def test_cli_bad_input_is_refused_before_work(synth, tmp_path, capsys):
         "--fisher-every 4 needs --fisher-reg": ["--fisher-every", "4", "--out", str(tmp_path / "d")],
         "--fisher-every 0: give at least 1|fisher-every": ["--fisher-reg", "1e-3", "--critical", "person",
                                                            "--fisher-every", "0", "--out", str(tmp_path / "e")],
+        "--float-stage 0|float-stage": ["--float-stage", "-1", "--out", str(tmp_path / "f")],
+        "lasts the whole run of 4 steps": ["--float-stage", "4", "--steps", "4", "--batch-size", "2",
+                                           "--out", str(tmp_path / "g")],
     }
     for message, extra in cases.items():
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert any(m in err for m in message.split("|")), err
-    assert not any((tmp_path / d).exists() for d in "abcde")
+    assert not any((tmp_path / d).exists() for d in "abcdefg")
 
 
 def test_load_run_names_what_is_missing(tmp_path):

@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aux-groups", type=int, default=1,
                    help="auxiliary query groups of --distill aq, training only (default 1)")
     p.add_argument("--aq-weight", type=float, default=1.0, help="weight of the encoder attention KL (default 1)")
+    p.add_argument("--float-stage", type=int, default=0, metavar="STEPS",
+                   help="Q-DETR's two-stage schedule: the encoder and decoder float for the first STEPS steps, "
+                   "then quantized (default 0: quantized from the start)")
     p.add_argument("--no-learn-zero-point", action="store_true", help="keep affine zero-points fixed (LSQ)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--steps", type=int, default=None, help="end (and fit the schedule) after this many steps, "
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
                        align_queries="drd" in distill_methods(args.distill))
     train_set, val_set = datasets(args)
     check_batches(train_set, args.batch_size, args.train_split)
+    _check_float_stage(args, len(train_set))
     if args.critical:  # an unknown category fails here, before the run folder is written
         resolve_categories(train_set.ann_file, args.critical)
     calib_set = CocoDetection.from_folder(args.data, args.train_split, transforms=eval_transforms(args.size))
@@ -108,15 +112,27 @@ def run(args: argparse.Namespace) -> int:
 
 def _options(args: argparse.Namespace) -> dict:
     keys = ("fisher_reg", "fisher_warmup", "fisher_every", "critical", "alpha", "distill", "kd_weight", "kd_boxes",
-            "drd_weight", "drd_tau", "aux_groups", "aq_weight", "calib_images", "epochs",
+            "drd_weight", "drd_tau", "aux_groups", "aq_weight", "float_stage", "calib_images", "epochs",
             "steps", "batch_size", "lr", "lr_backbone", "lr_quant", "weight_decay", "clip", "schedule", "warmup",
             "cls_loss_coef", "seed", "ckpt_every", "stop_after", "no_progress")
     return {k: getattr(args, k) for k in keys}
 
 
 #: Lower bounds of fxq qat's numeric options (None = not given).
-QAT_BOUNDS = {"threads": 1, "fisher_every": 1, "stop_after": 1, "ckpt_every": 0, "warmup": 0, "seed": 0, "lr": 0.0,
-              "lr_backbone": 0.0, "lr_quant": 0.0, "weight_decay": 0.0, "clip": 0.0, "alpha": 0.0, "cls_loss_coef": 0.0}
+QAT_BOUNDS = {"threads": 1, "fisher_every": 1, "float_stage": 0, "stop_after": 1, "ckpt_every": 0, "warmup": 0,
+              "seed": 0, "lr": 0.0, "lr_backbone": 0.0, "lr_quant": 0.0, "weight_decay": 0.0, "clip": 0.0, "alpha": 0.0,
+              "cls_loss_coef": 0.0}
+
+
+def _check_float_stage(args: argparse.Namespace, images: int) -> None:
+    """InputError when the float stage lasts the whole run (the transformer would never train quantized)."""
+    from fxq.errors import InputError
+
+    per_epoch = images // args.batch_size
+    total = args.epochs * per_epoch if args.steps is None else min(args.steps, args.epochs * per_epoch)
+    if args.float_stage >= total:
+        raise InputError(f"--float-stage {args.float_stage} lasts the whole run of {total} steps: the encoder and "
+                         f"decoder would never train quantized; give fewer than {total} steps (Q-DETR: about half)")
 
 
 def _check_args(args: argparse.Namespace) -> None:

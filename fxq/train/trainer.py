@@ -20,6 +20,10 @@ position within the epoch and every rank's torch/numpy/python RNG state, so the 
 bit-identical to an uninterrupted one (for datasets that draw randomness in worker processes this holds only
 when resuming at an epoch boundary, since workers are re-seeded per epoch). A fresh run seeds the global RNGs
 from (seed, rank); the model is initialised by the caller, before ``train``.
+
+A ``before_step`` hook (``hook(step)`` before each step's forward pass, with ``hook.config()`` in the run
+fingerprint) changes the model by the step number alone, so a resumed run sees what an uninterrupted one saw:
+:class:`fxq.passes.float_stage.FloatStage` (Q-DETR's two-stage schedule) is one.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -50,6 +55,15 @@ from fxq.train.schedule import build_scheduler
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
+
+
+class StepHook(Protocol):
+    """Changes the model before a step, by the step number alone."""
+
+    def __call__(self, step: int) -> None: ...
+
+    def config(self) -> dict:
+        """Plain-type settings (for the run fingerprint)."""
 
 
 class TrainingDivergedError(FxqError):
@@ -88,8 +102,10 @@ class Trainer:
     def __init__(
         self, model: nn.Module, criterion: Callable, dataset: Dataset, cfg: TrainConfig,
         out_dir: str | Path, collate_fn: Callable | None = None, info: DistInfo | None = None,
+        before_step: StepHook | None = None,
     ) -> None:
         self.model, self.criterion, self.dataset, self.cfg = model.to(cfg.device), criterion, dataset, cfg
+        self.before_step = before_step
         self.info = info or DistInfo()
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -157,6 +173,8 @@ class Trainer:
 
     def _train_step(self, net: nn.Module, batch) -> dict[str, Tensor]:
         start = time.perf_counter()
+        if self.before_step is not None:
+            self.before_step(self.step)
         inputs, targets = model_batch(self.model, batch, need_targets=True, index=self.step)
         self._sync_buffers()
         losses = self._losses(net(*inputs), targets)
@@ -245,8 +263,11 @@ class Trainer:
     def _settings(self) -> dict:
         criterion = self.criterion.config() if hasattr(self.criterion, "config") else _qualname(self.criterion)
         frozen = sum(not p.requires_grad for p in self.model.parameters())
-        return {**self.cfg.trajectory(), "dataset_len": len(self.dataset),
-                "world_size": self.info.world_size, "criterion": criterion, "frozen_parameters": frozen}
+        settings = {**self.cfg.trajectory(), "dataset_len": len(self.dataset),
+                    "world_size": self.info.world_size, "criterion": criterion, "frozen_parameters": frozen}
+        if self.before_step is not None:  # only then: runs without a hook keep their fingerprint
+            settings["before_step"] = self.before_step.config()
+        return settings
 
     def _resume_path(self, resume: bool | str | Path) -> Path | None:
         if resume is False or resume is None:
