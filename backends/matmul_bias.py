@@ -29,17 +29,21 @@ def fuse_matmul_bias(model: onnx.ModelProto) -> Changes:
     users = consumers(g)
     inits = {t.name: t for t in g.initializer}
     changes: Changes = {}
-    for node in list(g.node):
+    replaced: dict[int, onnx.NodeProto | None] = {}  # id(old node) -> its replacement (None: removed)
+    for node in g.node:
         fused = _fusable(node, producer, users, inits)
         if fused is None:
             continue
         x_dq, w_dq, add, bias = fused
         inputs = [x_dq.input[0], w_dq.input[0], x_dq.input[1], w_dq.input[1], _zp(x_dq), _zp(w_dq), bias]
-        new = helper.make_node("MatMulIntegerToFloat", inputs, [add.output[0]], name=node.name, domain=MS_DOMAIN)
-        g.node.insert(list(g.node).index(node), new)
-        g.node.remove(node)
-        g.node.remove(add)
+        replaced[id(node)] = helper.make_node("MatMulIntegerToFloat", inputs, [add.output[0]], name=node.name,
+                                              domain=MS_DOMAIN)
+        replaced[id(add)] = None
         changes.setdefault(node.name, []).append("bias folded into MatMulIntegerToFloat (input 6)")
+    if replaced:
+        nodes = [replaced.get(id(n), n) for n in g.node]
+        del g.node[:]
+        g.node.extend(n for n in nodes if n is not None)
     if changes and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return changes

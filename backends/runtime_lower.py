@@ -85,14 +85,17 @@ def _widen(points: dict[str, QuantPoint], caps: TargetProfile) -> tuple[dict, li
 
 
 def lower_for_runtime(gm: torch.fx.GraphModule, example_images: torch.Tensor, path: str | os.PathLike,
-                      runtime: str = "ort-cpu", *, opset: int = 21, dynamic: bool = True, verify: bool = True,
+                      runtime: str | TargetProfile = "ort-cpu", *, opset: int = 21, dynamic: bool = True,
+                      verify: bool = True,
                       external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> RuntimeLoweringReport:
     """Write ``gm`` to ``path`` as an ONNX QDQ model placed for ``runtime`` and report, per quantized node,
     the requested precision vs the executed kernel and storage (kernels read from onnxruntime when ``verify``).
 
-    InputError when the runtime's execution provider is not installed (naming the available ones).
+    ``runtime`` is a name of :data:`fxq.targets.TARGETS` or a profile (e.g. one with a rewrite turned off by
+    ``dataclasses.replace``, to compare files with and without it). InputError when the runtime's execution
+    provider is not installed (naming the available ones).
     """
-    caps = runtime_capabilities(runtime)
+    caps = _profile(runtime)
     points = collect_points(gm)
     check_arguments(gm, example_images, opset, points)
     points, notes = _widen(points, caps)
@@ -119,8 +122,15 @@ def lower_for_runtime(gm: torch.fx.GraphModule, example_images: torch.Tensor, pa
         check_tensorrt(path)  # always: a file TensorRT would reject is never reported as lowered
     kernels = executed_kernels(path, caps) if verify else {}
     rows = [_row(gm, node, points, changes.get(node.name, []), kernels, caps, verify) for node in _compute_nodes(gm)]
-    return RuntimeLoweringReport(**dataclasses.asdict(base), runtime=runtime, nodes=rows, activation_changes=notes,
+    return RuntimeLoweringReport(**dataclasses.asdict(base), runtime=caps.name, nodes=rows, activation_changes=notes,
                                  node_names=names)
+
+
+def _profile(runtime: str | TargetProfile) -> TargetProfile:
+    if isinstance(runtime, TargetProfile):
+        runtime_capabilities(runtime.name)  # installed here
+        return runtime
+    return runtime_capabilities(runtime)
 
 
 def _conv_biases(gm: torch.fx.GraphModule) -> dict[str, np.ndarray]:

@@ -207,20 +207,17 @@ def test_every_quantized_node_runs_an_integer_kernel(lowered):
 
 
 
-def test_linear_biases_fold_into_matmulintegertofloat_with_the_same_outputs(lowered, batches, monkeypatch, tmp_path):
+def test_linear_biases_fold_into_matmulintegertofloat_with_the_same_outputs(lowered, batches, tmp_path):
     """Against the same graph lowered without the rewrite (standard DQ → MatMul → Add, fused by onnxruntime
     itself): the same outputs, and one float Add fewer per fused linear in onnxruntime's optimized graph."""
     import dataclasses
-
-    import fxq.backends.runtime_lower as runtime_lower
 
     name, policy, gm, path, report = lowered
     fused = [n for n in onnx.load(path).graph.node if n.op_type == "MatMulIntegerToFloat"]
     assert fused and all(n.domain == "com.microsoft" and len(n.input) == 7 for n in fused)
     assert {n.name for n in fused} <= {row.node for row in report.nodes if row.kernel == "MatMulIntegerToFloat"}
     plain_caps = dataclasses.replace(runtime_capabilities("ort-cpu"), fused_matmul_bias=False)
-    monkeypatch.setattr(runtime_lower, "runtime_capabilities", lambda runtime: plain_caps)
-    lower_for_runtime(gm, torch.randn(1, 3, 160, 160), tmp_path / "plain.onnx", "ort-cpu", verify=False)
+    lower_for_runtime(gm, torch.randn(1, 3, 160, 160), tmp_path / "plain.onnx", plain_caps, verify=False)
     images = batches[1][0]
     got, ref = OrtSession(path, threads=1).run(images), OrtSession(tmp_path / "plain.onnx", threads=1).run(images)
     for key in ("pred_logits", "pred_boxes"):
