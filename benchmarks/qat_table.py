@@ -51,10 +51,12 @@ from fxq.train.sampler import EpochBatchSampler
 #: lp:3 for both: the best fast method at 4-4-8 (RESULTS.md: detr_tiny lp:3 0.439; deformable_detr_tiny lp:3
 #: 0.765, DetPTQ 0.774 but 5 min of calibration, too slow for this table's budget).
 BEST_PTQ = {"detr_tiny": "lp:3", "deformable_detr_tiny": "lp:3"}
-RUN_ORDER = ["qat", "qat_kd", "qat_kdfg", "qat_drd", "qat_drdw0", "qat_drdw0.3", "qat_aq", "qat_drd_aq",
-             "qat_fr_person", "qat_kd_fr_person", "qat_fr_hurt", "qat_kd_fr_hurt", "qat_seed1", "qat_fr_person_seed1",
-             "qat_fr_hurt_seed1", "qat_fr_hurt_every8_seed1", "qat_kd_seed1", "qat_kd_fr_hurt_seed1", "w4a8_qat",
-             "w4a8_qat_fr_person", "w4a8_qat_fr_hurt", "w2a4_qat", "w2a4_qat_fr_person", "w2a4_qat_fr_hurt"]
+RUN_ORDER = ["qat", "qat_kd", "qat_kdfg", "qat_drd", "qat_drd_stage125", "qat_drdw0", "qat_drdw0.3", "qat_aq",
+             "qat_drd_aq", "qat_drd_aq_stage125", "qat_drd_aq_fr_person_every8", "qat_fr_person", "qat_kd_fr_person",
+             "qat_fr_hurt", "qat_kd_fr_hurt", "qat_seed1", "qat_fr_person_seed1", "qat_fr_hurt_seed1",
+             "qat_fr_hurt_every8_seed1", "qat_kd_seed1", "qat_kd_fr_hurt_seed1", "qat_aq_seed1", "qat_kdfg_seed1",
+             "qat_kdfg_fr_hurt_every8_seed1", "w4a8_qat", "w4a8_qat_fr_person", "w4a8_qat_fr_hurt", "w2a4_qat",
+             "w2a4_qat_kd", "w2a4_qat_drd", "w2a4_qat_aq", "w2a4_qat_drd_aq", "w2a4_qat_fr_person", "w2a4_qat_fr_hurt"]
 METRICS = {"AP": "AP", "AP50": "AP50", "critical_AP": "critical_mAP"}  # + most_hurt_AP, per model
 HURT = 5
 
@@ -195,7 +197,8 @@ def _row_detections(model: str, runs: Path, val, train_set, args) -> dict[str, d
 
 def _differences(name: str, names: list[str], boot: dict) -> list[dict]:
     """The comparisons with ``name`` as b: QAT vs PTQ (AP); +FR vs the same run without it; a lazy FR run
-    (_every<K>) vs the run without it and vs the every-step one; a distillation row vs plain qat of its seed."""
+    (_every<K>) vs the run without it and vs the every-step one; a two-stage run (_stage<N>) vs the same run
+    without the float stage; a distillation row vs plain qat of its seed."""
     if name in ("fp32", "ptq"):
         return []
     pairs = [] if re.match(r"w\da\d_", name) else [("ptq", ["AP"])]  # the PTQ row is at 4-4-8
@@ -203,6 +206,9 @@ def _differences(name: str, names: list[str], boot: dict) -> list[dict]:
     every_step = re.sub(r"_every\d+", "", name)
     keys = ["AP", "critical_AP", "most_hurt_AP"] + (["fr_set_AP"] if "_fr_hurt" in name else [])
     pairs += [(base, keys) for base in dict.fromkeys([without_fr, every_step]) if base != name and base in names]
+    without_stage = re.sub(r"_stage\d+", "", name)  # Q-DETR's two-stage schedule vs the same run without it
+    if without_stage != name and without_stage in names:
+        pairs.append((without_stage, ["AP", "AP50", "critical_AP", "most_hurt_AP"]))
     # qat_drd_aq_seed1 -> qat_seed1, w2a4_qat_aq -> w2a4_qat, qat_drdw0.3 -> qat
     plain = re.sub(r"_(kd|kdfg|drd|aq|drdw[0-9.]+)(?=_|$)", "", name)
     if plain != name and without_fr == name and plain in names:
