@@ -345,3 +345,32 @@ def test_official_macs_at_512() -> None:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(images)
     assert counter.get_total_flops() / 2 == pytest.approx(51.6e9, rel=5e-3)
+
+
+# ---------------------------------------------------------------- static-shape ONNX export
+
+
+def test_cell_grid_equals_the_official_linspace() -> None:
+    from fxq.models.deformable_transformer import _cells
+
+    for n in range(1, 257):
+        assert torch.equal(_cells(n, torch.device("cpu")), torch.linspace(0, n - 1, n, dtype=torch.float32))
+        assert torch.equal(_cells(n, torch.device("cpu")) + 0.5,
+                           torch.linspace(0.5, n - 0.5, n, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("two_stage", [False, True])
+def test_static_shape_onnx_runs_in_onnxruntime_and_matches(tmp_path, two_stage: bool) -> None:
+    """`fxq export --static`: fixed shapes fold the reference-point grids into constants, which must stay float32
+    (a float64 constant there made onnxruntime refuse the file: LayerNormalization bound to double and float)."""
+    from fxq.backends import OrtSession, lower_to_onnx
+    from fxq.ptq import float_graph
+
+    model = _tiny(with_box_refine=two_stage, two_stage=two_stage)
+    graph = float_graph(model, (128, 160))
+    images = torch.randn(1, 3, 128, 160)
+    lower_to_onnx(graph, images, tmp_path / "static.onnx", dynamic=False)
+    got = OrtSession(tmp_path / "static.onnx", threads=1).run(images)
+    with torch.no_grad():
+        ref = graph(images)
+    assert max((got[k] - ref[k]).abs().max().item() for k in ("pred_logits", "pred_boxes")) <= 1e-4

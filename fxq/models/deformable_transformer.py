@@ -48,6 +48,13 @@ def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack((valid_w.float() / width, valid_h.float() / height), -1)
 
 
+def _cells(n, device: torch.device) -> torch.Tensor:
+    """0, 1, ..., n − 1 in float32: the official code's ``linspace(0, n − 1, n)`` (and + 0.5 its
+    ``linspace(0.5, n − 0.5, n)``) exactly, as an arange, which torch.onnx exports in float32 also at static
+    shapes (its linspace then exports float64 constants that onnxruntime refuses to mix with float32)."""
+    return torch.arange(n, dtype=torch.float32, device=device)
+
+
 def encoder_reference_points(spatial_shapes: SpatialShapes, valid_ratios: torch.Tensor | None,
                              device: torch.device) -> torch.Tensor:
     """Centres (x, y) of every cell of every level, normalised by the valid size: [B, S, L, 2].
@@ -56,9 +63,7 @@ def encoder_reference_points(spatial_shapes: SpatialShapes, valid_ratios: torch.
     """
     points = []
     for level, (h, w) in enumerate(spatial_shapes):
-        ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                                      torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
-                                      indexing="ij")
+        ref_y, ref_x = torch.meshgrid(_cells(h, device) + 0.5, _cells(w, device) + 0.5, indexing="ij")
         if valid_ratios is None:
             ref_y, ref_x = ref_y.reshape(-1)[None] / h, ref_x.reshape(-1)[None] / w
         else:
@@ -88,9 +93,7 @@ def encoder_proposals(spatial_shapes: SpatialShapes, masks: list[torch.Tensor] |
     """
     proposals = []
     for level, (h, w) in enumerate(spatial_shapes):
-        grid_y, grid_x = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=device),
-                                        torch.linspace(0, w - 1, w, dtype=torch.float32, device=device),
-                                        indexing="ij")
+        grid_y, grid_x = torch.meshgrid(_cells(h, device), _cells(w, device), indexing="ij")
         grid_x, grid_y = (grid_x + 0.5)[None], (grid_y + 0.5)[None]
         if masks is None:
             grid = torch.stack((grid_x / w, grid_y / h), -1)
