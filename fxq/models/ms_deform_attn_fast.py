@@ -101,32 +101,46 @@ def top_left_corners(locations: torch.Tensor, sizes: torch.Tensor) -> tuple[torc
     return corner, pixels - corner
 
 
-def corner_rows(spatial_shapes: SpatialShapes, corner: torch.Tensor, table_batch: int) -> torch.Tensor:
-    """Table rows [N, M, Lq, 4, L, P] (int32) of the four corners (top-left, top-right, bottom-left,
-    bottom-right) of every footprint whose top-left corner in pixels is ``corner`` [N, M, Lq, L, P, 2] (x0, y0);
-    ``table_batch`` = N·M."""
+def top_left_rows(spatial_shapes: SpatialShapes, corner: torch.Tensor, table_batch: int) -> torch.Tensor:
+    """Table rows [N, M, Lq, L, P] (int32) of the top-left corner of every footprint whose top-left corner in
+    pixels is ``corner`` [N, M, Lq, L, P, 2] (x0, y0); ``table_batch`` = N·M."""
     levels, points = corner.shape[3], corner.shape[4]
     starts, plane = [], 0
     for h, w in spatial_shapes:
         starts.append(plane)
         plane = plane + (h + 2) * (w + 2)
-    row = _per_level([w + 2 for _, w in spatial_shapes], corner, torch.int32)[:, None].expand(levels, points)
+    row = _row_lengths(spatial_shapes, corner, points)
     start = _per_level(starts, corner, torch.int32)[:, None].expand(levels, points)
     image_head = torch.arange(table_batch, dtype=torch.int32, device=corner.device)
     image_head = image_head.view(corner.shape[0], corner.shape[1], 1, 1, 1) * plane
     padded = (corner + 1).to(torch.int32)
-    top_left = padded[..., 1] * row + padded[..., 0] + (start + image_head)
+    return padded[..., 1] * row + padded[..., 0] + (start + image_head)
+
+
+def _row_lengths(spatial_shapes: SpatialShapes, like: torch.Tensor, points: int) -> torch.Tensor:
+    """[L, P] (int32): the padded row length W + 2 of each level, per point."""
+    return _per_level([w + 2 for _, w in spatial_shapes], like, torch.int32)[:, None].expand(len(spatial_shapes),
+                                                                                                 points)
+
+
+def corner_rows(spatial_shapes: SpatialShapes, corner: torch.Tensor, table_batch: int) -> torch.Tensor:
+    """Table rows [N, M, Lq, 4, L, P] (int32) of the four corners (top-left, top-right, bottom-left,
+    bottom-right) of every footprint whose top-left corner in pixels is ``corner`` [N, M, Lq, L, P, 2] (x0, y0);
+    ``table_batch`` = N·M."""
+    top_left = top_left_rows(spatial_shapes, corner, table_batch)
+    row = _row_lengths(spatial_shapes, corner, corner.shape[4])
     zero = torch.zeros_like(row)
     return top_left[:, :, :, None] + torch.stack((zero, zero + 1, row, row + 1))
 
 
-def bilinear_weights(frac: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-    """Corner weights × attention weight [N, M, Lq, 4, L, P], corners in :func:`corner_rows`' order, for the
-    fractions ``frac`` [N, M, Lq, L, P, 2] (fx, fy) and ``attention_weights`` [N, M, Lq, L, P]."""
+def bilinear_weights(frac: torch.Tensor, attention_weights: torch.Tensor, corner_dim: int = 3) -> torch.Tensor:
+    """Corner weights × attention weight [N, M, Lq, 4, L, P] (``corner_dim`` -1: [N, M, Lq, L, P, 4]), corners
+    in :func:`corner_rows`' order, for the fractions ``frac`` [N, M, Lq, L, P, 2] (fx, fy) and
+    ``attention_weights`` [N, M, Lq, L, P]."""
     fx, fy = frac[..., 0], frac[..., 1]
     left, right = (1 - fx) * attention_weights, fx * attention_weights
     upper = 1 - fy
-    return torch.stack((left * upper, right * upper, left * fy, right * fy), 3)
+    return torch.stack((left * upper, right * upper, left * fy, right * fy), corner_dim)
 
 
 def ms_deform_attn_core_fast(value: torch.Tensor, spatial_shapes: SpatialShapes, sampling_locations: torch.Tensor,

@@ -131,8 +131,8 @@ def ms_deform_attn_core_int8(value: torch.Tensor, spatial_shapes: SpatialShapes,
     queries = sampling_locations.shape[1]
     locations = sampling_locations.transpose(1, 2)
     corner, frac = fast.top_left_corners(locations, fast.level_sizes(spatial_shapes, locations, locations.shape[4]))
-    rows = fast.corner_rows(spatial_shapes, corner, batch * heads)[:, :, :, 0]  # top-left: the footprint's row
-    weights = fast.bilinear_weights(frac, attention_weights.transpose(1, 2)).permute(0, 1, 2, 4, 5, 3)
+    rows = fast.top_left_rows(spatial_shapes, corner, batch * heads)  # the footprint's row
+    weights = fast.bilinear_weights(frac, attention_weights.transpose(1, 2), corner_dim=-1)  # [.., L, P, 4]
     weights_q, weight_scale = row_quantized(weights.reshape(batch, heads, queries, 1, -1))
     table = footprint_table(quantize_u8(value, value_scale, value_zero_point), spatial_shapes, value_zero_point)
     gathered = table.index_select(0, rows.flatten()).reshape(batch, heads, queries, -1, head_dim)
