@@ -355,8 +355,7 @@ def test_cell_grid_equals_the_official_linspace() -> None:
 
     for n in range(1, 257):
         assert torch.equal(_cells(n, torch.device("cpu")), torch.linspace(0, n - 1, n, dtype=torch.float32))
-        assert torch.equal(_cells(n, torch.device("cpu")) + 0.5,
-                           torch.linspace(0.5, n - 0.5, n, dtype=torch.float32))
+        assert torch.equal(_cells(n, torch.device("cpu"), 0.5), torch.linspace(0.5, n - 0.5, n, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("two_stage", [False, True])

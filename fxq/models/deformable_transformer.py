@@ -48,11 +48,12 @@ def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack((valid_w.float() / width, valid_h.float() / height), -1)
 
 
-def _cells(n, device: torch.device) -> torch.Tensor:
-    """0, 1, ..., n − 1 in float32: the official code's ``linspace(0, n − 1, n)`` (and + 0.5 its
-    ``linspace(0.5, n − 0.5, n)``) exactly, as an arange, which torch.onnx exports in float32 also at static
-    shapes (its linspace then exports float64 constants that onnxruntime refuses to mix with float32)."""
-    return torch.arange(n, dtype=torch.float32, device=device)
+def _cells(n, device: torch.device, start: float = 0.0) -> torch.Tensor:  # start: 0 or 0.5
+    """start, start + 1, ..., start + n − 1 in float32: the official code's ``linspace(0, n − 1, n)`` (start 0) and
+    ``linspace(0.5, n − 0.5, n)`` (start 0.5) exactly, as one arange, which torch.onnx exports in float32 also at
+    static shapes (its linspace then exports float64 constants that onnxruntime refuses to mix with float32).
+    One node, as linspace was: the traced graph's node names, and so saved QAT runs' quantizer names, stay."""
+    return torch.arange(start, n, 1.0, dtype=torch.float32, device=device)  # start < 1: n values
 
 
 def encoder_reference_points(spatial_shapes: SpatialShapes, valid_ratios: torch.Tensor | None,
@@ -63,7 +64,7 @@ def encoder_reference_points(spatial_shapes: SpatialShapes, valid_ratios: torch.
     """
     points = []
     for level, (h, w) in enumerate(spatial_shapes):
-        ref_y, ref_x = torch.meshgrid(_cells(h, device) + 0.5, _cells(w, device) + 0.5, indexing="ij")
+        ref_y, ref_x = torch.meshgrid(_cells(h, device, 0.5), _cells(w, device, 0.5), indexing="ij")
         if valid_ratios is None:
             ref_y, ref_x = ref_y.reshape(-1)[None] / h, ref_x.reshape(-1)[None] / w
         else:
