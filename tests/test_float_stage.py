@@ -72,3 +72,4 @@ def test_resume_inside_the_float_stage_ends_bit_identical(synth, tmp_path):  # n
     plain, full, cut = (torch.load(tmp_path / d / "qat_model.pt", weights_only=True) for d in ("plain", "full", "cut"))
     assert all(torch.equal(full[k], cut[k]) for k in full)
     assert not all(torch.equal(full[k], plain[k]) for k in full)  # the stage changed the training
+
