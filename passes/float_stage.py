@@ -1,13 +1,13 @@
 """Q-DETR's two-stage schedule: the encoder and the decoder train float first, then everything quantized.
 
-Q-DETR trains in two stages: stage 1 quantizes the backbone with the transformer's encoder and decoder float;
-stage 2 quantizes everything, starting from the stage-1 weights (docs/METHODS.md, Distillation). :class:`FloatStage` is the
-trainer's ``before_step`` hook (:class:`fxq.train.trainer.StepHook`) that does it inside one QAT run: before
-step ``steps`` the quantizers of the encoder and the decoder are in "disabled" mode (identity), from step
-``steps`` on in "quantize" mode. The mode depends on the step alone, so a run resumed in either stage
-continues as an uninterrupted one. The optimiser, lr schedule and the quantizers' scales carry over from
-stage 1 unchanged: a disabled quantizer's scale gets no gradient and keeps its initial calibration (chosen
-here; Q-DETR's text does not say whether stage 2 recalibrates).
+Q-DETR trains in two stages: stage 1 quantizes the backbone with the transformer's encoder and decoder float; stage
+2 quantizes everything, starting from the stage-1 weights (docs/METHODS.md, Distillation). :class:`FloatStage` is
+the trainer's ``before_step`` hook (:class:`fxq.train.trainer.StepHook`) that does it inside one QAT run: before
+step ``steps`` the quantizers of the encoder and the decoder are in "disabled" mode (identity), from step ``steps``
+on in "quantize" mode. The mode depends on the step alone, so a run resumed in either stage continues as an
+uninterrupted one. The optimiser, lr schedule and the quantizers' scales carry over from stage 1 unchanged: a
+disabled quantizer's scale gets no gradient and keeps its initial calibration (chosen here; Q-DETR's text does not
+say whether stage 2 recalibrates).
 
 A quantizer belongs to the transformer when the node it quantizes or a quantized node reading it was created
 by a module under :data:`TRANSFORMER` (``fxq.module``); the backbone's, ``input_proj``'s and the heads'

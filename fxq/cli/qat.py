@@ -127,9 +127,11 @@ QAT_BOUNDS = {"threads": 1, "fisher_every": 1, "float_stage": 0, "stop_after": 1
 def _check_float_stage(args: argparse.Namespace, images: int) -> None:
     """InputError when the float stage lasts the whole run (the transformer would never train quantized)."""
     from fxq.errors import InputError
+    from fxq.train import TrainConfig
+    from fxq.train.sampler import EpochBatchSampler
 
-    per_epoch = images // args.batch_size
-    total = args.epochs * per_epoch if args.steps is None else min(args.steps, args.epochs * per_epoch)
+    per_epoch = EpochBatchSampler(images, args.batch_size, args.seed, epoch=0).num_batches
+    total = TrainConfig(epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size).total_steps(per_epoch)
     if args.float_stage >= total:
         raise InputError(f"--float-stage {args.float_stage} lasts the whole run of {total} steps: the encoder and "
                          f"decoder would never train quantized; give fewer than {total} steps (Q-DETR: about half)")
